@@ -1,0 +1,182 @@
+"""Text in, text out: the engine behind a tokenizer. What the worker and `dlm-ls fill` call.
+
+`Infiller` loads a checkpoint folder (model, tokenizer, sampler defaults), turns the text
+around k holes into the layout's context, starts engine jobs, and turns their tokens back into
+text. Prefix, middle and suffix are tokenized separately, exactly as in training, so a prefix
+may end inside a word. Mode "line" stops a middle at its first newline (and stops refining once
+a newline is committed); "block" and "auto" leave the cut to the caller.
+
+Knows text and token ids; knows nothing of LSP, documents or editors.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import layout
+from . import tokens as T
+from .config import SamplerConfig
+from .engine import Engine, EngineError, InfillJob
+from .load import DEFAULT_MODEL_DIR, load_model, load_sampler_config, load_tokenizer
+from .train.tokenizer import encode_plain
+
+MASK_GLYPH = "\u2591"  # how an undecided slot looks in a streamed refinement state
+MODES = ("line", "block", "auto")
+DEFAULT_MAX_CONTEXT_TOKENS = 2048
+
+
+class InfillError(ValueError):
+    """A request that cannot be served as asked; the message says why."""
+
+
+@dataclass
+class InfillResult:
+    middles: list[str]  # one per hole, in document order
+    nfe: int
+    steps: int
+    ms: float
+    canvas_length: int
+    score: float
+    prefill_tokens: int
+    tokens: list[list[int]]
+
+    def to_dict(self) -> dict:
+        return {"middles": self.middles, "nfe": self.nfe, "steps": self.steps, "ms": round(self.ms, 3),
+                "canvas_length": self.canvas_length, "score": self.score, "prefill_tokens": self.prefill_tokens}
+
+
+class InfillTextJob:
+    """An engine job plus what is needed to turn its tokens into text."""
+
+    def __init__(self, infiller: "Infiller", job: InfillJob, mode: str):
+        self.infiller, self.job, self.mode = infiller, job, mode
+
+    @property
+    def done(self) -> bool:
+        return self.job.done
+
+    @property
+    def cancelled(self) -> bool:
+        return self.job.cancelled
+
+    def cancel(self) -> None:
+        self.job.cancel()
+
+    def snapshot(self) -> list[str]:
+        return [self.infiller.render(ids, self.mode) for ids in self.job.preview()]
+
+    def result(self) -> InfillResult:
+        r = self.job.result()
+        middles = [self.infiller.render(ids, self.mode) for ids in r.middles]
+        return InfillResult(middles, r.nfe, r.steps, r.ms, r.canvas_length, r.score, r.prefill_tokens, r.middles)
+
+
+class Infiller:
+    def __init__(self, model_dir: str | Path | None = None, device: str = "auto", dtype: str | None = None,
+                 max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS, cache_budget_bytes: int | None = None):
+        self.model_dir = Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR
+        if not (self.model_dir / "config.json").exists():
+            raise InfillError(f"no model at {self.model_dir}: expected a checkpoint folder with config.json")
+        self.model = load_model(self.model_dir, device, dtype)
+        self.tokenizer = load_tokenizer(self.model_dir)  # transformers PreTrainedTokenizerFast
+        self._backend = self.tokenizer.backend_tokenizer
+        self.defaults = load_sampler_config(self.model_dir)
+        kwargs = {"cache_budget_bytes": cache_budget_bytes} if cache_budget_bytes else {}
+        self.engine = Engine(self.model, max_context_tokens=max_context_tokens, **kwargs)
+        self.max_context_tokens = self.engine.max_context_tokens
+        self.newline_ids = frozenset(i for i in range(len(self.tokenizer)) if "\n" in self._decode([i]))
+
+    # ---- text <-> tokens --------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return encode_plain(self._backend, text)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._backend.decode(ids, skip_special_tokens=False)
+
+    def render(self, ids: list[int], mode: str) -> str:
+        """Tokens to text, undecided slots as MASK_GLYPH; in line mode, up to the first newline."""
+        parts, run = [], []
+        for i in ids:
+            if i == T.MASK_ID:
+                if run:
+                    parts.append(self._decode(run))
+                    run = []
+                parts.append(MASK_GLYPH)
+            else:
+                run.append(i)
+        if run:
+            parts.append(self._decode(run))
+        text = "".join(parts)
+        return text.split("\n", 1)[0] if mode == "line" else text
+
+    def context_for(self, segments: list[str]) -> list[int]:
+        if len(segments) < 2:
+            raise InfillError("need the text around at least one hole: [prefix, suffix]")
+        if len(segments) - 1 > T.MAX_HOLES:
+            raise InfillError(f"at most {T.MAX_HOLES} holes per request, got {len(segments) - 1}")
+        ids = [self.encode(s) for s in segments]
+        budget = self.max_context_tokens
+        inner = sum(len(s) for s in ids[1:-1]) + 2 * (len(ids) - 2)
+        if inner > budget // 2:
+            raise InfillError(f"the text between the holes is {inner} tokens; at most {budget // 2} fit the context")
+        first, last = layout.truncate_context(ids[0], ids[-1], budget - inner)
+        return layout.multi_hole_context([first, *ids[1:-1], last])
+
+    # ---- jobs -------------------------------------------------------------------------------------
+
+    def options(self, mode: str = "auto", **overrides) -> SamplerConfig:
+        if mode not in MODES:
+            raise InfillError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        try:
+            return self.defaults.replace(**overrides)
+        except (TypeError, ValueError) as exc:
+            raise InfillError(f"bad sampler option: {exc}") from None
+
+    def start(self, segments: list[str], *, mode: str = "auto", cache_key: str | None = None, **overrides) -> InfillTextJob:
+        opts = self.options(mode, **overrides)
+        context = self.context_for(segments)
+        holes = len(segments) - 1
+        hole_lengths = [max(opts.canvas_lengths)] * holes if holes > 1 else None
+        stop = self.newline_ids if mode == "line" and holes == 1 else frozenset()
+        try:
+            job = self.engine.start(context, opts, cache_key, hole_lengths, stop)
+        except EngineError as exc:
+            raise InfillError(str(exc)) from None
+        return InfillTextJob(self, job, mode)
+
+    def step(self, jobs: list[InfillTextJob]) -> None:
+        self.engine.step([j.job for j in jobs])
+
+    def complete(self, segments: list[str], *, mode: str = "auto", cache_key: str | None = None,
+                 on_step: Callable[[InfillTextJob], None] | None = None,
+                 should_cancel: Callable[[], bool] | None = None, **overrides) -> InfillResult:
+        job = self.start(segments, mode=mode, cache_key=cache_key, **overrides)
+        while not job.done:
+            if should_cancel is not None and should_cancel():
+                job.cancel()
+                break
+            self.step([job])
+            if on_step is not None:
+                on_step(job)
+        return job.result()
+
+    def warm(self, cache_key: str, segments: list[str]) -> None:
+        """Compute a context's cache ahead of the request that will need it (document opened, cursor settled)."""
+        t0 = time.perf_counter()
+        self.engine.prefill(cache_key, self.context_for(segments))
+        self.last_warm_ms = (time.perf_counter() - t0) * 1000.0
+
+    def cache_stats(self) -> dict:
+        return self.engine.cache.summary()
+
+    def info(self) -> dict:
+        cfg = self.model.config
+        return {"model": self.model_dir.name, "model_dir": str(self.model_dir), "device": str(self.engine.device),
+                "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+                "parameters": sum(p.numel() for p in self.model.parameters()), "vocab_size": cfg.vocab_size,
+                "layout": cfg.layout, "max_context_tokens": self.max_context_tokens,
+                "sampler": self.defaults.to_dict()}

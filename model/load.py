@@ -1,0 +1,165 @@
+"""Checkpoint folders: write and read a model, its tokenizer and its sampler defaults.
+
+A folder holds `config.json` (ModelConfig), `sampler.json` (SamplerConfig), `tokenizer.json`,
+and the weights as safetensors: `model.safetensors`, or, above the shard size, numbered
+shards with a Hugging Face `model.safetensors.index.json`. Never pickle. Foreign checkpoint
+formats (Dream, LLaDA) are mapped onto our names in `model/foreign.py`; this module only
+knows our own. It does not know how the model is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig, SamplerConfig
+from .network import DiffusionLM
+
+SHARD_BYTES = 15 * 1024 * 1024  # keeps every file under git hosts' soft limits and our 15 MB rule
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default"
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+class CheckpointError(Exception):
+    """A checkpoint folder that is missing, incomplete or not ours."""
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CheckpointError("--device cuda was asked for, but torch sees no CUDA GPU")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32  # CPUs lack fast bf16 matmuls
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r}; choose one of fp32, bf16, fp16")
+    return DTYPES[dtype]
+
+
+def _state_to_save(model: DiffusionLM, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if model.config.tie_embeddings and name == "lm_head.weight":
+            continue  # the same tensor as model.embed_tokens.weight
+        t = tensor.detach().to("cpu")
+        state[name] = (t.to(dtype) if dtype is not None else t).contiguous()
+    return state
+
+
+def save_weights(model: DiffusionLM, folder: str | os.PathLike, dtype: torch.dtype | None = None,
+                 shard_bytes: int = SHARD_BYTES) -> list[Path]:
+    """Write the weights, sharded above `shard_bytes`; returns the files written."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in list(folder.glob("model*.safetensors")) + list(folder.glob("model.safetensors.index.json")):
+        old.unlink()
+    state = _state_to_save(model, dtype)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        path = folder / "model.safetensors"
+        save_file(shards[0], str(path), metadata=meta)
+        return [path]
+    paths, weight_map = [], {}
+    for i, shard in enumerate(shards, 1):
+        path = folder / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path), metadata=meta)
+        paths.append(path)
+        weight_map.update({name: path.name for name in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1, sort_keys=True))
+    return paths
+
+
+def save_checkpoint(model: DiffusionLM, folder: str | os.PathLike, sampler: SamplerConfig | None = None,
+                    tokenizer_file: str | os.PathLike | None = None, dtype: torch.dtype | None = None) -> Path:
+    folder = Path(folder)
+    save_weights(model, folder, dtype)
+    (folder / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1, sort_keys=True))
+    (folder / "sampler.json").write_text(json.dumps((sampler or SamplerConfig()).to_dict(), indent=1, sort_keys=True))
+    if tokenizer_file is not None and Path(tokenizer_file).resolve() != (folder / "tokenizer.json").resolve():
+        (folder / "tokenizer.json").write_bytes(Path(tokenizer_file).read_bytes())
+    return folder
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"{folder} holds no model.safetensors (nor an index of shards)")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(str(folder / name)))
+    return state
+
+
+def load_config(folder: str | os.PathLike) -> ModelConfig:
+    path = Path(folder) / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{folder} is not a checkpoint folder: no config.json")
+    return ModelConfig.from_dict(json.loads(path.read_text()))
+
+
+def load_sampler_config(folder: str | os.PathLike) -> SamplerConfig:
+    path = Path(folder) / "sampler.json"
+    return SamplerConfig.from_dict(json.loads(path.read_text())) if path.exists() else SamplerConfig()
+
+
+def load_model(folder: str | os.PathLike | None = None, device: str | torch.device = "auto",
+               dtype: str | torch.dtype | None = None) -> DiffusionLM:
+    """Load a checkpoint folder (default: the model shipped in the repository) for inference."""
+    folder = Path(folder) if folder is not None else DEFAULT_MODEL_DIR
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    cfg = load_config(folder)
+    if cfg.layout != "dlm":
+        from .foreign import load_foreign  # Dream/LLaDA folders: a name mapping onto our network
+
+        return load_foreign(folder, cfg, dev, resolve_dtype(dtype, dev))
+    with torch.device("meta"):
+        model = DiffusionLM(cfg)
+    state = read_weights(folder)
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    missing = set(model.state_dict()) - set(state) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
+    unexpected = set(state) - set(model.state_dict())
+    if missing or unexpected:
+        raise CheckpointError(f"{folder}: weights do not match config.json (missing {sorted(missing)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]})")
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.to(device=dev, dtype=resolve_dtype(dtype, dev)).eval()
+
+
+def load_tokenizer(folder: str | os.PathLike | None = None):
+    """The checkpoint's tokenizer as a transformers `PreTrainedTokenizerFast`."""
+    from transformers import PreTrainedTokenizerFast
+
+    folder = Path(folder) if folder is not None else DEFAULT_MODEL_DIR
+    path = folder / "tokenizer.json"
+    if not path.exists():
+        raise CheckpointError(f"{folder} has no tokenizer.json")
+    return PreTrainedTokenizerFast(tokenizer_file=str(path))
