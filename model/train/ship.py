@@ -1,0 +1,154 @@
+"""Ship a trained checkpoint as the repository's default model, with its data card.
+
+Reads a training run's checkpoint folder (fp32 weights, config, tokenizer), writes `model/default/`
+with bf16 weights in shards of at most 15 MB, the tokenizer, the sampler defaults, the corpus
+manifest (`data_manifest.json`), and `DATA_CARD.md`: what the model is, the exact training
+command, data, steps, hours, hardware, and the evaluation numbers (read from an eval JSON, never
+typed by hand). It knows checkpoint folders and the training log's format; it trains nothing.
+
+    python -m dlm_ls.model.train.ship --run runs/cpu-small --eval bench/results/eval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from ..config import SamplerConfig
+from ..load import DEFAULT_MODEL_DIR, load_model, load_sampler_config, save_checkpoint
+
+MAX_TOTAL_BYTES = 60 * 1024 * 1024
+
+
+def read_log(run: Path) -> tuple[dict, list[dict]]:
+    """The run's start event (its configuration and command) and its step records."""
+    start, steps = {}, []
+    log = run / "log.jsonl"
+    if log.exists():
+        for line in log.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("event") == "start":
+                start = rec  # a resumed run logs a new start; the first one holds the origin
+                start.setdefault("_starts", 0)
+            elif "step" in rec:
+                steps.append(rec)
+    return start, steps
+
+
+def _fmt_eval(ev: dict) -> str:
+    """A markdown table from the eval JSON's rows (whatever measures it holds)."""
+    rows = ev.get("rows") or ev.get("results") or []
+    if not rows:
+        return "```json\n" + json.dumps(ev, indent=1)[:4000] + "\n```"
+    keys = list(rows[0].keys())
+    out = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        out.append("| " + " | ".join(f"{r.get(k):.3g}" if isinstance(r.get(k), float) else str(r.get(k)) for k in keys) + " |")
+    return "\n".join(out)
+
+
+def data_card(run: Path, checkpoint: Path, manifest: dict, ev: dict | None, extra_note: str) -> str:
+    start, steps = read_log(run)
+    cfg = start.get("config", {})
+    last = steps[-1] if steps else {}
+    val = [s for s in steps if "val_loss" in s]
+    hours = (last.get("time", 0.0)) / 3600.0
+    model_cfg = json.loads((checkpoint / "config.json").read_text())
+    params = start.get("params")
+    split_rows = []
+    for name, split in manifest.get("splits", {}).items():
+        pkgs = ", ".join(sorted(split.get("packages", {}))) if name != "train" else f"{len(split.get('packages', {}))} packages"
+        split_rows.append(f"| {name} | {split.get('files')} | {split.get('bytes', 0) / 1e6:.1f} MB | "
+                          f"{split.get('tokens', 0) / 1e6:.2f} M | {pkgs} |")
+    licenses = sorted({p.get("license") for s in manifest.get("splits", {}).values() for p in s.get("packages", {}).values()})
+    lines = [
+        "# dlm-ls default model: data card",
+        "",
+        f"A {params / 1e6:.1f}M-parameter masked-diffusion code model (preset `{cfg.get('preset')}`), trained from scratch "
+        "for Python infilling in dlm-ls's own layout (suffix first, causal cached context, bidirectional canvas; "
+        "see model/tokens.py). It ships in the repository so that a fresh clone completes code with no download."
+        if params else "A masked-diffusion code model trained for dlm-ls's infill layout.",
+        "",
+        extra_note,
+        "",
+        "## Training",
+        "",
+        f"- Command: `{start.get('command', 'python -m dlm_ls.model.train.loop ' + ' '.join(f'--{k} {v}' for k, v in cfg.items()))}`",
+        f"- Hardware: {start.get('hardware', platform.processor() or platform.machine())}, device `{start.get('device')}`, "
+        f"{cfg.get('threads', '?')} thread(s); torch {torch.__version__}",
+        f"- Steps: {last.get('step')} of batch {cfg.get('batch_size')} x {cfg.get('seq_len')} tokens "
+        f"({last.get('tokens', 0) / 1e6:.2f} M tokens seen), {hours:.2f} hours",
+        f"- Final training loss {last.get('loss')}, canvas loss {last.get('canvas_loss')}, context next-token loss {last.get('ctx_loss')}",
+        f"- Validation loss (held-out packages): {val[-1].get('val_loss') if val else 'n/a'} at step {val[-1].get('step') if val else 'n/a'}",
+        f"- Network: {model_cfg.get('n_layers')} layers, dim {model_cfg.get('dim')}, {model_cfg.get('n_heads')} heads "
+        f"({model_cfg.get('n_kv_heads')} kv), SwiGLU {model_cfg.get('ffn_dim')}, vocab {model_cfg.get('vocab_size')}, tied embeddings",
+        "- Weights: bf16 safetensors, shards of at most 15 MB",
+        "",
+        "## Data",
+        "",
+        f"Python source from the standard library and installed site-packages, permissive licenses only ({', '.join(l for l in licenses if l)}), "
+        "generated/minified/oversized files and exact and near duplicates dropped, split by whole package, "
+        "HumanEval problems kept out. Full per-package list: `data_manifest.json`.",
+        "",
+        "| split | files | bytes | tokens | packages |",
+        "|---|---|---|---|---|",
+        *split_rows,
+        "",
+        f"Corpus command: `{manifest.get('command')}` ({manifest.get('created')})",
+        "",
+        "## Evaluation",
+        "",
+    ]
+    if ev:
+        lines += [f"Command: `{ev.get('command', '?')}` on {ev.get('machine', '?')}, {ev.get('date', '?')}", "", _fmt_eval(ev)]
+    else:
+        lines += ["Not evaluated yet."]
+    return "\n".join(lines) + "\n"
+
+
+def ship(run: Path, out: Path, eval_json: Path | None, manifest_path: Path, note: str,
+         sampler: SamplerConfig | None) -> list[Path]:
+    checkpoint = run / "latest" if (run / "latest" / "config.json").exists() else run
+    model = load_model(checkpoint, "cpu", "fp32")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_checkpoint(model, tmp, sampler or load_sampler_config(checkpoint), checkpoint / "tokenizer.json",
+                    dtype=torch.bfloat16)
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    if manifest:
+        (tmp / "data_manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    ev = json.loads(eval_json.read_text()) if eval_json and eval_json.exists() else None
+    (tmp / "DATA_CARD.md").write_text(data_card(run, checkpoint, manifest, ev, note))
+    weights = sum(p.stat().st_size for p in tmp.glob("model*.safetensors"))
+    if weights > MAX_TOTAL_BYTES:
+        raise SystemExit(f"weights are {weights / 2**20:.1f} MB; the repository's budget is 60 MB")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return sorted(out.iterdir())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dlm-ls ship", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, type=Path, help="training run folder (holds log.jsonl and latest/)")
+    p.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR)
+    p.add_argument("--eval", type=Path, default=None, help="JSON written by dlm-ls eval")
+    p.add_argument("--manifest", type=Path, default=Path("data/corpus/manifest.json"))
+    p.add_argument("--note", default="", help="a paragraph for the data card (e.g. 'trained on a CPU; a GPU run replaces it')")
+    p.add_argument("--sampler", type=Path, default=None, help="sampler.json with tuned defaults")
+    args = p.parse_args(argv)
+    sampler = SamplerConfig.from_dict(json.loads(args.sampler.read_text())) if args.sampler else None
+    for path in ship(args.run, args.out, args.eval, args.manifest, args.note, sampler):
+        print(f"{path}  {path.stat().st_size / 2**20:.2f} MB")
+    print(f"shipped {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
