@@ -130,15 +130,13 @@ class DiffusionLM(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
         return self
 
-    def forward(
-        self,
-        tokens: Tensor,  # (B, T) token ids
-        positions: Tensor,  # (B, T) absolute positions
-        mask: Tensor | None,  # (B, 1, T, S + T) bool, True = attend; S = total past length; None = attend to all
-        past: list[list[KV]] | None = None,  # per layer, the cached segments the T tokens may attend to
-        logits_from: int = 0,  # logits only for tokens[:, logits_from:]; T skips the output layer
-    ) -> tuple[Tensor | None, list[KV]]:
-        """Returns the logits (B, T - logits_from, V) and each layer's new keys/values (B, Hkv, T, D)."""
+    def hidden(self, tokens: Tensor, positions: Tensor, mask: Tensor | None,
+               past: list[list[KV]] | None = None) -> tuple[Tensor, list[KV]]:
+        """The final-normed hidden states (B, T, dim) and each layer's new keys/values (B, Hkv, T, D).
+
+        Training calls this directly and applies the output layer only at the positions it scores:
+        on a CPU the vocabulary-wide projection of every token costs as much as the rest of the network.
+        """
         if positions.max() >= self.config.max_position:
             raise ValueError(f"position {int(positions.max())} exceeds max_position {self.config.max_position}")
         x = self.model.embed_tokens(tokens)  # (B, T, dim)
@@ -149,7 +147,18 @@ class DiffusionLM(nn.Module):
         for i, layer in enumerate(self.model.layers):
             x, kv = layer(x, cos, sin, past[i] if past is not None else [], mask)
             new_kv.append(kv)
+        return self.model.norm(x), new_kv
+
+    def forward(
+        self,
+        tokens: Tensor,  # (B, T) token ids
+        positions: Tensor,  # (B, T) absolute positions
+        mask: Tensor | None,  # (B, 1, T, S + T) bool, True = attend; S = total past length; None = attend to all
+        past: list[list[KV]] | None = None,  # per layer, the cached segments the T tokens may attend to
+        logits_from: int = 0,  # logits only for tokens[:, logits_from:]; T skips the output layer
+    ) -> tuple[Tensor | None, list[KV]]:
+        """Returns the logits (B, T - logits_from, V) and each layer's new keys/values (B, Hkv, T, D)."""
+        h, new_kv = self.hidden(tokens, positions, mask, past)
         if logits_from >= tokens.shape[1]:
             return None, new_kv
-        logits = self.lm_head(self.model.norm(x[:, logits_from:]))  # (B, T', V)
-        return logits, new_kv
+        return self.lm_head(h[:, logits_from:]), new_kv  # (B, T', V)

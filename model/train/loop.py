@@ -1,0 +1,340 @@
+"""The training loop: masked-diffusion loss on canvas slots, next-token loss on the causal context.
+
+    python -m dlm_ls.model.train.loop --preset small --out runs/cpu-small --max-minutes 100
+
+Each step reads the packed batch of that step (`examples.Batches`: a pure function of seed and
+step), so `--resume DIR` continues exactly where `DIR/latest/` left off, and `--init-from FOLDER`
+starts a fresh run (step 0, new optimizer) from any checkpoint folder's weights.
+
+Time-boxed runs: with `--max-minutes` and no `--steps`, the length of the cosine schedule is
+estimated from the measured seconds per step after `estimate_after` steps (inside the warmup, where
+the schedule does not yet depend on it) and re-estimated every `reestimate_every` steps, so the
+learning rate reaches its floor about when the time runs out; the run stops at the time limit.
+A resumed time-boxed run gets `--max-minutes` more minutes and re-aims its schedule at them.
+Checkpoints (`DIR/latest/`, every `--checkpoint-minutes` and at the end) are fp32 engine folders
+with `train_state.pt` beside the weights: optimizer, step, RNG states, config (tensors and plain
+containers only, so `torch.load(weights_only=True)` reads it).
+
+This module knows the network, the optimizer and checkpoint folders. It does not know how spans
+are cut or how rows are packed (`examples.py`), nor how the model is sampled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import load
+from ..config import ModelConfig
+from ..network import DiffusionLM
+from .examples import Batches, Corpus, ExampleConfig
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "small"
+    corpus: str = "data/corpus"  # holds train.jsonl and validation.jsonl
+    tokenizer: str = "data/tokenizer.json"
+    out: str = "runs/train"
+    seq_len: int = 512
+    batch_size: int = 8
+    steps: int = 0  # 0: as many as --max-minutes allows (estimated from the measured step time)
+    max_minutes: float = 0.0  # 0: no time limit (then --steps is required)
+    lr: float = 2e-3  # a small model with few steps tolerates a high peak
+    min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
+    warmup: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # "mean": mean cross-entropy over masked slots. "elbo": the MDLM/LLaDA bound, sum of CE over masked
+    # slots x 1/t / canvas slots, averaged over examples. Both have the same optimum; the 1/t weight
+    # makes an example with t = 0.01 count 100x, a high-variance gradient that a short, small-batch
+    # CPU run can ill afford, so "mean" is the default (as in several diffusion LM codebases' finetunes).
+    loss: str = "mean"
+    ctx_loss_weight: float = 0.25  # next-token loss on context positions: almost free (the context is causal)
+    ctx_fraction: float = 0.25  # share of context positions scored: each costs a vocab-wide output row
+    seed: int = 0
+    eval_every: int = 100
+    eval_batches: int = 8
+    eval_seed: int = 12345
+    checkpoint_minutes: float = 10.0
+    log_every: int = 10
+    estimate_after: int = 20  # steps before the schedule length is estimated (must be <= warmup)
+    reestimate_every: int = 50
+    # CPU threads. On a 2-core machine shared with other jobs, 1 thread measured 1400 tokens/s against
+    # 790 for 2 (small preset, 512 x 4): OpenMP workers spin-wait when a core is taken from them.
+    threads: int = 2
+    device: str = "auto"
+    compile: bool = False  # torch.compile the backbone (GPU)
+    init_seed: int = 0
+    resume: str = ""
+    init_from: str = ""
+
+    def example_config(self) -> ExampleConfig:
+        return ExampleConfig(seq_len=self.seq_len, batch_size=self.batch_size, ctx_fraction=self.ctx_fraction)
+
+
+# ------------------------------------------------------------------------------------------- the model
+
+
+def hidden_states(model: DiffusionLM, tokens: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
+    """Final-normed hidden states (B, T, dim); the output layer is applied only at scored positions."""
+    return model.hidden(tokens, positions, mask)[0]
+
+
+def compute_losses(model: DiffusionLM, batch: dict[str, Tensor], cfg: TrainConfig, hidden=hidden_states) -> dict[str, Tensor]:
+    dev = next(model.parameters()).device
+    b = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+    h = hidden(model, b["tokens"], b["positions"], b["mask"])  # (B, T, dim)
+    sel = b["targets"] >= 0  # masked canvas slots
+    ce = F.cross_entropy(model.lm_head(h[sel]).float(), b["targets"][sel], reduction="none")  # (N,)
+    canvas = ce.mean()
+    elbo = (ce * b["weights"][sel]).sum() / b["n_examples"].clamp(min=1)
+    out = {"canvas_loss": canvas, "elbo": elbo}
+    objective = elbo if cfg.loss == "elbo" else canvas
+    csel = b["ctx_targets"] >= 0
+    if cfg.ctx_loss_weight > 0 and bool(csel.any()):
+        ctx = F.cross_entropy(model.lm_head(h[csel]).float(), b["ctx_targets"][csel])
+        out["ctx_loss"] = ctx
+        objective = objective + cfg.ctx_loss_weight * ctx
+    out["loss"] = objective
+    return out
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def make_optimizer(model: DiffusionLM, cfg: TrainConfig) -> torch.optim.AdamW:
+    # No decay on norms (1-d): shrinking them only fights the normalisation.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    fused = next(model.parameters()).is_cuda  # one kernel per step on a GPU; the plain loop on a CPU
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint_dir(path: str) -> Path:
+    p = Path(path)
+    return p / "latest" if (p / "latest" / "config.json").exists() else p
+
+
+def load_weights_into(model: DiffusionLM, folder: Path) -> None:
+    state = load.read_weights(folder)
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (model.config.tie_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise load.CheckpointError(f"{folder}: weights do not match (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def save_state(model: DiffusionLM, opt: torch.optim.Optimizer, step: int, total: int, cfg: TrainConfig,
+               out: Path, tokens_seen: int) -> Path:
+    """Write out/latest/ (an engine-loadable fp32 checkpoint plus train_state.pt), replacing the old one whole."""
+    tmp, final, old = out / "latest.tmp", out / "latest", out / "latest.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = cfg.tokenizer if Path(cfg.tokenizer).exists() else None
+    load.save_checkpoint(model, tmp, tokenizer_file=tok, dtype=torch.float32)
+    state = {
+        "step": step,  # the next step to run
+        "total_steps": total,
+        "tokens_seen": tokens_seen,
+        "optimizer": opt.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+        "config": dataclasses.asdict(cfg),
+    }
+    torch.save(state, tmp / "train_state.pt")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)  # a crash leaves latest/ or latest.old/ whole
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def _log(out: Path, record: dict) -> None:
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+@torch.no_grad()
+def evaluate(model: DiffusionLM, batches: list[dict[str, Tensor]], cfg: TrainConfig, autocast) -> dict[str, float]:
+    model.eval()
+    sums: dict[str, float] = {}
+    for b in batches:
+        with autocast():
+            for k, v in compute_losses(model, b, cfg).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+    model.train()
+    return {f"val_{k}": v / len(batches) for k, v in sums.items()}
+
+
+def train(cfg: TrainConfig, tokenizer=None, progress: bool = True) -> dict:
+    """Run (or continue) a training run; returns the last logged record."""
+    if not cfg.steps and not cfg.max_minutes:
+        raise ValueError("give --steps or --max-minutes")
+    if cfg.loss not in ("mean", "elbo"):
+        raise ValueError(f"loss must be 'mean' or 'elbo', not {cfg.loss!r}")
+    dev = load.resolve_device(cfg.device)
+    if dev.type == "cpu":
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer is None:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(cfg.tokenizer)
+
+    state = None
+    if cfg.resume:
+        folder = _checkpoint_dir(cfg.resume)
+        state = torch.load(folder / "train_state.pt", weights_only=True)
+        model_cfg = load.load_config(folder)
+    elif cfg.init_from:
+        folder = _checkpoint_dir(cfg.init_from)
+        model_cfg = load.load_config(folder)
+    else:
+        model_cfg = ModelConfig.preset(cfg.preset, vocab_size=max(ModelConfig.preset(cfg.preset).vocab_size,
+                                                                  tokenizer.get_vocab_size()))
+    if tokenizer.get_vocab_size() > model_cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens, the model {model_cfg.vocab_size}")
+    model = DiffusionLM(model_cfg).init_weights(cfg.init_seed)
+    if cfg.resume or cfg.init_from:
+        load_weights_into(model, folder)
+    model.to(dev).train()
+    opt = make_optimizer(model, cfg)
+    step, total, tokens_seen = 0, cfg.steps, 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        total = cfg.steps or state["total_steps"]  # an explicit --steps may lengthen a finished run
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(_as_tuple(state["python_rng"]))
+
+    hidden = hidden_states
+    if cfg.compile:
+        hidden = torch.compile(hidden_states)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else nullcontext
+
+    ecfg = cfg.example_config()
+    corpus = Path(cfg.corpus)
+    train_batches = Batches(Corpus(corpus / "train.jsonl"), tokenizer, ecfg, seed=cfg.seed)
+    val_source = Batches(Corpus(corpus / "validation.jsonl"), tokenizer, ecfg, seed=cfg.eval_seed)
+    val = [val_source.batch(i) for i in range(cfg.eval_batches)] if cfg.eval_batches else []
+
+    t_start = time.monotonic()
+    deadline = t_start + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
+    if not total:
+        total = 10**9  # placeholder inside the warmup; estimated at estimate_after
+    first_step, mark = step, None
+    last_ckpt = time.monotonic()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total if cfg.steps else None, initial=step, dynamic_ncols=True,
+                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    record: dict = {}
+    print(json.dumps({"event": "start", "step": step, "params": sum(p.numel() for p in model.parameters()),
+                      "device": str(dev), "config": dataclasses.asdict(cfg)}), flush=True)
+    while True:
+        now = time.monotonic()
+        if (cfg.steps and step >= total) or now >= deadline:
+            break
+        # Time-boxed runs: fix the schedule length from the measured rate, and refresh it as load changes.
+        if not cfg.steps and cfg.max_minutes:
+            done = step - first_step
+            if done == cfg.estimate_after:
+                mark = (now, step)
+            elif mark is not None and done > cfg.estimate_after and done % cfg.reestimate_every == 0:
+                rate = (now - mark[0]) / (step - mark[1])  # seconds per step, eval and checkpoints included
+                total = step + int((deadline - now) / rate)
+            if mark is not None and total == 10**9:
+                total = step + int((deadline - now) / max(1e-3, (now - t_start) / max(1, done)))
+        lr = lr_at(step, total, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batch = train_batches.batch(step)
+        with autocast():
+            losses = compute_losses(model, batch, cfg, hidden)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        tokens_seen += batch["tokens"].numel()
+        record = {"step": step, "time": round(time.monotonic() - t_start, 2), "lr": lr, "tokens": tokens_seen,
+                  **{k: round(float(v.detach()), 5) for k, v in losses.items()}, "grad_norm": round(float(gnorm), 4),
+                  "total_steps": total}
+        if cfg.eval_every and val and (step % cfg.eval_every == 0 or step == cfg.steps):
+            record.update({k: round(v, 5) for k, v in evaluate(model, val, cfg, autocast).items()})
+        if step % cfg.log_every == 0 or "val_loss" in record or step <= 5:
+            _log(out, record)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
+        if cfg.checkpoint_minutes and time.monotonic() - last_ckpt >= 60 * cfg.checkpoint_minutes:
+            save_state(model, opt, step, total, cfg, out, tokens_seen)
+            last_ckpt = time.monotonic()
+    if bar is not None:
+        bar.close()
+    if cfg.eval_batches and val and "val_loss" not in record:
+        record.update({k: round(v, 5) for k, v in evaluate(model, val, cfg, autocast).items()})
+    record["final"] = True
+    _log(out, record)
+    save_state(model, opt, step, total, cfg, out, tokens_seen)
+    print(json.dumps({"event": "done", **record}), flush=True)
+    return record
+
+
+def _as_tuple(x):
+    """random.setstate wants tuples; a state that went through torch.save may hold lists."""
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    p = argparse.ArgumentParser(prog="dlm-ls train", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            p.add_argument(flag, type=kind, default=f.default)
+    return TrainConfig(**vars(p.parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    train(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
