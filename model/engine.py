@@ -75,8 +75,15 @@ class InfillJob:
             self._release()
 
     def best_row(self) -> int:
-        scores = [r.score for r in self.rows]
-        return max(range(len(self.rows)), key=lambda i: scores[i])
+        """The row with the best mean log-confidence, an empty middle only when every row is empty.
+
+        A canvas that is all pad is the easiest thing to be confident about (every tail slot of
+        every training canvas is pad), so pure confidence would too often pick "nothing".
+        """
+        def key(i: int) -> tuple[bool, float]:
+            row = self.rows[i]
+            return any(row.middles()), row.score
+        return max(range(len(self.rows)), key=key)
 
     def preview(self) -> list[list[int]]:
         """The leading row's tokens so far (MASK where undecided), per hole."""
