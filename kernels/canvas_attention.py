@@ -134,7 +134,8 @@ if triton is not None:
             part = (b * n_kv_heads + kvh) * n_partials + p
             m_p = tl.load(m_ptr + part * M + rows, mask=row_ok, other=float("-inf"))
             l_p = tl.load(l_ptr + part * M + rows, mask=row_ok, other=0.0)
-            o_p = tl.load(o_ptr + (part * M + rows[:, None]) * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            o_p = tl.load(o_ptr + (part * M + rows[:, None]) * D + d[None, :],
+                          mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             m_new = tl.maximum(m_run, m_p)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             a_run = tl.exp2(m_run - m_safe)

@@ -78,7 +78,10 @@ if triton is not None:
         row_logits = logits_ptr + row * stride_logits
         m = tl.full((), float("-inf"), tl.float32)  # running max of the logits
         s = tl.zeros((), tl.float32)  # running sum of exp(logit - m): the softmax denominator
-        best = tl.full((), float("-inf"), tl.float64)  # running max of the score (logit, or logit/T + g)
+        if NOISE == 0:
+            best = tl.full((), float("-inf"), tl.float32)  # running max of the score: the logit, or
+        else:
+            best = tl.full((), float("-inf"), tl.float64)  # logit / T + g in float64 when sampling
         best_idx = tl.zeros((), tl.int64)
         if NOISE != 0:
             temperature = tl.load(temperature_ptr)
@@ -93,14 +96,15 @@ if triton is not None:
             s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
             m = m_new
             if NOISE == 0:
-                score = x.to(tl.float64)
+                score = x
             else:
                 if NOISE == 1:
                     u = tl.load(uniform_ptr + row * stride_uniform + cols, mask=ok, other=0.5).to(tl.float64)
                 else:
                     # 53 random bits from two Philox words: float64 uniforms, as torch.rand(float64) draws them.
                     r0, r1, _, _ = tl.randint4x(seed, row * V + cols)
-                    u = ((r0 >> 5).to(tl.float64) * 67108864.0 + (r1 >> 6).to(tl.float64) + 0.5) * (1.0 / 9007199254740992.0)
+                    hi27, lo26 = (r0 >> 5).to(tl.float64), (r1 >> 6).to(tl.float64)
+                    u = (hi27 * 67108864.0 + lo26 + 0.5) * (1.0 / 9007199254740992.0)  # (k + 1/2) / 2^53
                 u = tl.minimum(tl.maximum(u, 1e-20), 1.0 - 1e-16)
                 g = -tl.log(-tl.log(u))
                 score = tl.where(ok, x.to(tl.float64) / temperature + g, float("-inf"))

@@ -19,7 +19,7 @@ from typing import Callable
 from . import layout
 from . import tokens as T
 from .config import SamplerConfig
-from .engine import Engine, EngineError, InfillJob
+from .engine import Engine, EngineError, InfillJob, TokenResult
 from .load import DEFAULT_MODEL_DIR, load_model, load_sampler_config, load_tokenizer
 from .train.tokenizer import encode_plain
 
@@ -46,6 +46,51 @@ class InfillResult:
     def to_dict(self) -> dict:
         return {"middles": self.middles, "nfe": self.nfe, "steps": self.steps, "ms": round(self.ms, 3),
                 "canvas_length": self.canvas_length, "score": self.score, "prefill_tokens": self.prefill_tokens}
+
+
+class NaturalOrderJob:
+    """A Dream/LLaDA request: natural-order infill `[prefix][mask x N][suffix]` with the dual cache.
+
+    Those models were trained with full attention in document order, so our suffix-first cached
+    layout does not apply; `model/dual_cache.py` refines the slots with a prefix/suffix cache that
+    is refreshed at each block boundary. It is not batched with other jobs: its first step runs it
+    to the end (a later version can interleave its blocks with the scheduler's steps).
+    """
+
+    def __init__(self, model, prefix: list[int], suffix: list[int], opts: SamplerConfig):
+        self.model, self.prefix, self.suffix, self.options = model, prefix, suffix, opts
+        self.cancelled = self.finished = False
+        self.tokens: list[int] = []
+        self.nfe, self.ms = 0, 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.finished or self.cancelled
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def run(self) -> None:
+        from .dual_cache import refine_natural_order
+
+        cfg, o = self.model.config, self.options
+        t0 = time.perf_counter()
+        self.tokens, self.nfe = refine_natural_order(
+            self.model, self.prefix, self.suffix, o.max_tokens, o.block_size, o.threshold, o.max_steps,
+            cfg.mask_id, cfg.logits_shift, temperature=o.temperature)
+        self.ms = (time.perf_counter() - t0) * 1000.0
+        self.finished = True
+
+    def _middle(self) -> list[int]:
+        ends = {self.model.config.pad_id, self.model.config.special_ids.get(T.ENDOFTEXT, -1)}
+        cut = next((i for i, t in enumerate(self.tokens) if t in ends), len(self.tokens))
+        return self.tokens[:cut]
+
+    def preview(self) -> list[list[int]]:
+        return [self._middle()]
+
+    def result(self) -> TokenResult:
+        return TokenResult([self._middle()], self.nfe, self.nfe, 0.0, self.options.max_tokens, self.ms, 0)
 
 
 class InfillTextJob:
@@ -138,8 +183,14 @@ class Infiller:
 
     def start(self, segments: list[str], *, mode: str = "auto", cache_key: str | None = None, **overrides) -> InfillTextJob:
         opts = self.options(mode, **overrides)
-        context = self.context_for(segments)
         holes = len(segments) - 1
+        if self.model.config.layout != "dlm":
+            if holes != 1:
+                raise InfillError("natural-order models (Dream, LLaDA) fill one hole per request")
+            prefix, suffix = layout.truncate_context(self.encode(segments[0]), self.encode(segments[1]),
+                                                     self.max_context_tokens)
+            return InfillTextJob(self, NaturalOrderJob(self.model, prefix, suffix, opts), mode)
+        context = self.context_for(segments)
         hole_lengths = [max(opts.canvas_lengths)] * holes if holes > 1 else None
         stop = self.newline_ids if mode == "line" and holes == 1 else frozenset()
         try:
@@ -149,7 +200,10 @@ class Infiller:
         return InfillTextJob(self, job, mode)
 
     def step(self, jobs: list[InfillTextJob]) -> None:
-        self.engine.step([j.job for j in jobs])
+        self.engine.step([j.job for j in jobs if isinstance(j.job, InfillJob)])
+        for j in jobs:
+            if isinstance(j.job, NaturalOrderJob) and not j.job.done:
+                j.job.run()
 
     def complete(self, segments: list[str], *, mode: str = "auto", cache_key: str | None = None,
                  on_step: Callable[[InfillTextJob], None] | None = None,

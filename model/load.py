@@ -120,7 +120,10 @@ def load_config(folder: str | os.PathLike) -> ModelConfig:
     path = Path(folder) / "config.json"
     if not path.exists():
         raise CheckpointError(f"{folder} is not a checkpoint folder: no config.json")
-    return ModelConfig.from_dict(json.loads(path.read_text()))
+    raw = json.loads(path.read_text())
+    from .foreign import detect_and_convert_config  # Dream/LLaDA folders: Hugging Face config keys
+
+    return detect_and_convert_config(raw) or ModelConfig.from_dict(raw)
 
 
 def load_sampler_config(folder: str | os.PathLike) -> SamplerConfig:
