@@ -79,6 +79,7 @@ class SamplerConfig:
     block_size: int = 32  # longer middles are decoded block by block, each finished block joining the context
     canvas_lengths: tuple[int, ...] = (8, 16, 32)  # refined together in one batch; the best-scoring one wins
     max_tokens: int = 64  # longest middle
+    min_tokens: int = 1  # no pad before this many tokens: an empty suggestion is no suggestion
     temperature: float = 0.0  # 0 = deterministic argmax; above 0 samples with Gumbel noise
     seed: int | None = None  # for temperature > 0
 
@@ -105,6 +106,8 @@ class SamplerConfig:
             raise ValueError(f"threshold must be in [0, 1], not {self.threshold}")
         if self.max_steps < 1 or self.block_size < 1 or self.max_tokens < 1:
             raise ValueError("max_steps, block_size and max_tokens must be at least 1")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError("min_tokens must be between 0 and max_tokens")
         if not self.canvas_lengths or min(self.canvas_lengths) < 1:
             raise ValueError("canvas_lengths must be a non-empty list of positive lengths")
         if self.temperature < 0:

@@ -46,6 +46,7 @@ class TokenResult:
     canvas_length: int  # first-block length of the winning row
     ms: float
     prefill_tokens: int  # context tokens computed (not reused from the cache)
+    candidates: list[list[list[int]]]  # every row's middles, best first (callers may re-rank, e.g. by parse)
 
 
 @dataclass
@@ -74,8 +75,8 @@ class InfillJob:
             self.cancelled = True
             self._release()
 
-    def best_row(self) -> int:
-        """The row with the best mean log-confidence, an empty middle only when every row is empty.
+    def ranked_rows(self) -> list[int]:
+        """Rows best first: a non-empty middle before an empty one, then by mean log-confidence.
 
         A canvas that is all pad is the easiest thing to be confident about (every tail slot of
         every training canvas is pad), so pure confidence would too often pick "nothing".
@@ -83,18 +84,22 @@ class InfillJob:
         def key(i: int) -> tuple[bool, float]:
             row = self.rows[i]
             return any(row.middles()), row.score
-        return max(range(len(self.rows)), key=key)
+        return sorted(range(len(self.rows)), key=key, reverse=True)
+
+    def best_row(self) -> int:
+        return self.ranked_rows()[0]
 
     def preview(self) -> list[list[int]]:
         """The leading row's tokens so far (MASK where undecided), per hole."""
         return self.rows[self.best_row()].preview()
 
     def result(self) -> TokenResult:
-        best = self.best_row()
-        row = self.rows[best]
+        ranked = self.ranked_rows()
+        best, row = ranked[0], self.rows[ranked[0]]
         end = self.ended if self.ended is not None else time.perf_counter()
         return TokenResult(row.middles(), self.nfe, self.steps, row.score, self.canvas_lengths[best],
-                           (end - self.started) * 1000.0, self.prefill_tokens)
+                           (end - self.started) * 1000.0, self.prefill_tokens,
+                           [self.rows[i].middles() for i in ranked])
 
     def _finish_if_done(self) -> None:
         if not self.done and all(r.done for r in self.rows):
@@ -200,6 +205,10 @@ class Engine:
         if self.config.logits_shift:  # Dream-family: position i-1 predicts token i
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         logits.index_fill_(-1, self.banned_ids, float("-inf"))
+        for b, ((job, _), row) in enumerate(zip(live, rows)):  # no pad before min_tokens
+            for start, length in row.spans:
+                for j in range(max(0, min(length, job.options.min_tokens - len(row.committed)))):
+                    logits[b, n_pending[b] + start + j, self.config.pad_id] = float("-inf")
 
         for b, (job, i) in enumerate(live):
             if n_pending[b]:

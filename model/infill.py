@@ -42,9 +42,10 @@ class InfillResult:
     score: float
     prefill_tokens: int
     tokens: list[list[int]]
+    candidates: list[list[str]]  # every candidate length's middles, best first
 
     def to_dict(self) -> dict:
-        return {"middles": self.middles, "nfe": self.nfe, "steps": self.steps, "ms": round(self.ms, 3),
+        return {"middles": self.middles, "candidates": self.candidates, "nfe": self.nfe, "steps": self.steps, "ms": round(self.ms, 3),
                 "canvas_length": self.canvas_length, "score": self.score, "prefill_tokens": self.prefill_tokens}
 
 
@@ -90,7 +91,8 @@ class NaturalOrderJob:
         return [self._middle()]
 
     def result(self) -> TokenResult:
-        return TokenResult([self._middle()], self.nfe, self.nfe, 0.0, self.options.max_tokens, self.ms, 0)
+        return TokenResult([self._middle()], self.nfe, self.nfe, 0.0, self.options.max_tokens, self.ms, 0,
+                           [[self._middle()]])
 
 
 class InfillTextJob:
@@ -116,7 +118,9 @@ class InfillTextJob:
     def result(self) -> InfillResult:
         r = self.job.result()
         middles = [self.infiller.render(ids, self.mode) for ids in r.middles]
-        return InfillResult(middles, r.nfe, r.steps, r.ms, r.canvas_length, r.score, r.prefill_tokens, r.middles)
+        candidates = [[self.infiller.render(ids, self.mode) for ids in c] for c in r.candidates]
+        return InfillResult(middles, r.nfe, r.steps, r.ms, r.canvas_length, r.score, r.prefill_tokens, r.middles,
+                            candidates)
 
 
 class Infiller:

@@ -191,3 +191,13 @@ def test_row_multi_hole_pads_each_span_separately():
 def test_bad_sampler_options_are_rejected(bad):
     with pytest.raises(ValueError):
         SamplerConfig().replace(**bad)
+
+
+def test_min_tokens_forbids_an_empty_middle():
+    script = [[[(T.PAD_ID, 0.99), (T.PAD_ID, 0.99)]]] * 3
+    allowed = Engine(ScriptedModel(script))
+    r = allowed.run(allowed.start(context(), SamplerConfig(canvas_lengths=(2,), max_tokens=2, min_tokens=0)))
+    assert r.middles == [[]] and r.nfe == 1
+    forced = Engine(ScriptedModel(script))
+    r = forced.run(forced.start(context(), SamplerConfig(canvas_lengths=(2,), max_tokens=2, min_tokens=1)))
+    assert len(r.middles[0]) == 1 and r.middles[0][0] != T.PAD_ID
