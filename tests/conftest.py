@@ -10,6 +10,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton decides interpreter-or-compiler when a kernel is decorated, i.e. when its module is
+    # first imported (through the network, by almost any test): set it before any test module loads.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 FIXTURE_TEXT = '''
 def add(a, b):

@@ -18,10 +18,9 @@ import torch
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-SET_INTERPRET = HAS_TRITON and not HAS_CUDA and "TRITON_INTERPRET" not in os.environ
 if HAS_TRITON and not HAS_CUDA:
-    # Must precede the @triton.jit decorations in the kernel modules (they choose interpreter or compiler).
-    os.environ["TRITON_INTERPRET"] = "1"
+    # tests/conftest.py sets this before any module imports the kernels; here for running this file alone.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from dlm_ls.kernels import canvas_attention as ca  # noqa: E402
 from dlm_ls.kernels import dispatch  # noqa: E402
@@ -38,16 +37,6 @@ def _interpreted(fn) -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(fn, InterpretedFunction)
-
-
-if HAS_TRITON and not HAS_CUDA:
-    # Another test module may have imported the kernels (through the network) before we set
-    # TRITON_INTERPRET; re-executing a module re-decorates its kernels for the interpreter.
-    # Functions imported elsewhere (`network.canvas_attention`) share the module's globals,
-    # so they see the new kernels too.
-    for _mod, _kernel in ((sc, "_select_commit_kernel"), (ca, "_canvas_attention_partial"), (rr, "_rmsnorm_rope_kernel")):
-        if not _interpreted(getattr(_mod, _kernel)):
-            importlib.reload(_mod)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -76,8 +65,6 @@ def _interpreter_dot():
     interpreter.InterpreterBuilder.create_dot = create_dot
     yield
     interpreter.InterpreterBuilder.create_dot = original
-    if SET_INTERPRET:  # processes that later tests start should not inherit it
-        os.environ.pop("TRITON_INTERPRET", None)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None:

@@ -1,0 +1,131 @@
+// What the extension knows about dlm-ls without VS Code: how to start it, which settings it
+// takes, and its custom `dlm/*` requests. No `vscode` import here, so the Node tests use this
+// file exactly as the extension does.
+
+import { RequestType } from 'vscode-languageserver-protocol';
+import type { Range, TextDocumentIdentifier, TextEdit } from 'vscode-languageserver-protocol';
+
+/** The `dlm.*` settings, as declared in package.json. */
+export interface Settings {
+  server: { path: string; extraArgs: string[] };
+  model: string;
+  device: 'auto' | 'cpu' | 'cuda';
+  debounceMs: number;
+  enable: Record<string, boolean>;
+}
+
+export const DEFAULTS: Settings = {
+  server: { path: 'dlm-ls', extraArgs: [] },
+  model: '',
+  device: 'auto',
+  debounceMs: 50,
+  enable: { '*': true, plaintext: false, markdown: false, scminput: false },
+};
+
+/** The command line that starts the server over stdio. */
+export function serverCommand(s: Settings): { command: string; args: string[] } {
+  const args = ['serve', '--device', s.device];
+  if (s.model) {
+    args.push('--model', s.model);
+  }
+  return { command: s.server.path, args: [...args, ...s.server.extraArgs] };
+}
+
+/**
+ * The settings the server itself reads, sent as `initializationOptions` and again with
+ * `workspace/didChangeConfiguration`. The client waits out the debounce itself (a superseded
+ * request is cancelled through VS Code's token before it is sent), so the server need not wait again.
+ */
+export function serverSettings(s: Settings): Record<string, unknown> {
+  return { model: s.model || null, device: s.device, debounceMs: 0 };
+}
+
+/** Settings whose change needs a new server process (the model is loaded once, at start). */
+export const RESTART_KEYS = ['dlm.server', 'dlm.model', 'dlm.device'];
+
+/** Whether inline suggestions are on for a language id (`dlm.enable`, `"*"` as the fallback). */
+export function enabledFor(s: Settings, languageId: string): boolean {
+  return s.enable[languageId] ?? s.enable['*'] ?? true;
+}
+
+/** The part of a cancellation token the debounce needs; VS Code's and vscode-jsonrpc's both fit. */
+export interface Token {
+  readonly isCancellationRequested: boolean;
+  onCancellationRequested(listener: () => void): { dispose(): void };
+}
+
+/** Waits `ms` milliseconds; resolves false as soon as the token is cancelled (the user typed on). */
+export function debounce(ms: number, token: Token): Promise<boolean> {
+  if (token.isCancellationRequested) {
+    return Promise.resolve(false);
+  }
+  if (ms <= 0) {
+    return Promise.resolve(true);
+  }
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => {
+      sub.dispose();
+      resolve(!token.isCancellationRequested);
+    }, ms);
+    const sub = token.onCancellationRequested(() => {
+      clearTimeout(timer);
+      sub.dispose();
+      resolve(false);
+    });
+  });
+}
+
+// --- custom requests -------------------------------------------------------------------------
+
+export interface FillParams {
+  textDocument: TextDocumentIdentifier;
+  /** The region to rewrite; absent: every hole marker (`<|hole|>`, or a lone `...` in Python). */
+  range?: Range;
+}
+
+export interface FillResult {
+  edits: TextEdit[];
+}
+
+export const FillRequest = new RequestType<FillParams, FillResult, void>('dlm/fill');
+
+/** `dlm/status`: what the server reports about itself (abridged; the rest is shown as it comes). */
+export interface Status {
+  model: string | null;
+  device: string | null;
+  dtype?: string | null;
+  worker_pid: number | null;
+  latency_ms?: Record<string, { count: number; p50: number; p95: number }>;
+  worker_error?: string;
+  [key: string]: unknown;
+}
+
+export const StatusRequest = new RequestType<Record<string, never> | null, Status, void>('dlm/status');
+
+/** One line for the status bar, e.g. "tiny-model · cuda". */
+export function statusLine(status: Status): string {
+  const model = status.model ? basename(status.model) : 'dlm-ls';
+  return status.device ? `${model} · ${status.device}` : model;
+}
+
+/** The status bar's tooltip: model, device, worker and latency. */
+export function statusTooltip(status: Status): string {
+  const lines = [
+    `model: ${status.model ?? 'not loaded'}`,
+    `device: ${status.device ?? '?'}${status.dtype ? ` (${status.dtype})` : ''}`,
+    `worker: ${status.worker_pid ? `pid ${status.worker_pid}` : 'in the server process'}`,
+  ];
+  const total = status.latency_ms?.total;
+  if (total) {
+    lines.push(`latency: p50 ${total.p50.toFixed(0)} ms, p95 ${total.p95.toFixed(0)} ms (${total.count} requests)`);
+  }
+  if (status.worker_error) {
+    lines.push(`error: ${status.worker_error}`);
+  }
+  return lines.join('\n');
+}
+
+function basename(path: string): string {
+  const parts = path.split(/[\\/]/).filter(Boolean);
+  return parts[parts.length - 1] ?? path;
+}
