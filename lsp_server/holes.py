@@ -19,8 +19,9 @@ DEFAULT_MARKER = "<|hole|>"
 
 
 def find_holes(text: str, language_id: str, marker: str = DEFAULT_MARKER,
-               python_ellipsis: bool = True) -> list[tuple[int, int]]:
-    """Sorted, disjoint (start, end) str offsets of every hole marker in ``text``."""
+               python_ellipsis: bool = True, tree=None) -> list[tuple[int, int]]:
+    """Sorted, disjoint (start, end) str offsets of every hole marker in ``text``. ``tree``, a
+    tree-sitter tree of exactly ``text`` when the caller has one, saves a parse."""
     holes = []
     if marker:
         i = text.find(marker)
@@ -28,17 +29,18 @@ def find_holes(text: str, language_id: str, marker: str = DEFAULT_MARKER,
             holes.append((i, i + len(marker)))
             i = text.find(marker, i + len(marker))
     if python_ellipsis and language_id == "python":
-        holes.extend(_ellipsis_statements(text))
+        holes.extend(_ellipsis_statements(text, tree))
     return _disjoint(sorted(holes))
 
 
-def _ellipsis_statements(text: str) -> list[tuple[int, int]]:
-    language = get_language("python")
-    if language is None:
-        return []
-    from tree_sitter import Parser
+def _ellipsis_statements(text: str, tree=None) -> list[tuple[int, int]]:
+    if tree is None:
+        language = get_language("python")
+        if language is None:
+            return []
+        from tree_sitter import Parser
 
-    tree = Parser(language).parse(text.encode("utf-8", "surrogatepass"))
+        tree = Parser(language).parse(text.encode("utf-8", "surrogatepass"))
     spans = []
     # Only nodes that can hold statements are walked; expressions are skipped whole, which keeps
     # this fast on large files and excludes `x[...]` / `f(...)` / `tuple[int, ...]` by construction.

@@ -16,6 +16,7 @@ per-language wheels (``tree-sitter-python`` ...), loaded lazily; a language with
 from __future__ import annotations
 
 import bisect
+import copy
 import importlib
 from functools import lru_cache
 
@@ -207,6 +208,18 @@ class SyntaxTree:
                        start_point=start_point, old_end_point=old_end_point,
                        new_end_point=new_end_point)
         self.tree = self._parse(self.tree)
+
+    def with_insert(self, offset: int, new_text: str, text_after: str) -> "SyntaxTree":
+        """A copy with ``new_text`` inserted at ``offset`` (``text_after`` is the result), reparsed
+        incrementally: the document as it would be if a suggestion were accepted. This tree is left alone."""
+        clone = copy.copy(self)
+        clone.index = copy.copy(self.index)  # its updates replace its lists, never mutate them
+        if self._parser is not None:
+            clone._parser = Parser(self.language)
+            clone._buf = bytearray(self._buf)
+            clone.tree = self.tree.copy()
+        clone.apply_edit(offset, offset, new_text, text_after)
+        return clone
 
     def _parse(self, old_tree: Tree | None) -> Tree:
         buf = self._buf

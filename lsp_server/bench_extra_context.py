@@ -1,0 +1,190 @@
+"""Benchmark: does showing the model chunks of other open documents help it complete a call?
+
+Each task is two open documents and a cursor. `helpers`-like module: three functions, one of them the
+target. The file being edited imports the target and calls it, with the cursor at one of three
+places on the call line:
+
+    args   result = clamp_scores(█         -> scores, lower, upper)
+    name   result = clamp_█                -> scores(scores, lower, upper)
+    call   result = █                      -> clamp_scores(scores, lower, upper)
+
+The calling function takes the same parameters in another order (plus one more), so the right
+argument order is written only in the other document. A third open document with unrelated
+functions competes for the budget. Names are made up from word lists, so no model has seen them.
+
+Every task is completed twice through the server's own prompt functions (server.plan_completion,
+extra_context_preamble, choose_completion): without other documents, and with them (the
+`extra_context_chars` default budget). Exact match compares the cleaned suggestion with the
+expected rest of the line; similarity is difflib's ratio, to see movement a weak model's exact
+matches hide. `chunk found` is how often the preamble contains the target's definition (ranking).
+
+    python -m dlm_ls.lsp_server.bench_extra_context --model runs/cpu-small/latest [--tasks 48]
+
+Prints a table and writes bench/results/extra_context-<device>.json. Imports torch (the engine runs
+in this process); the language server itself never does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+from . import documents as D
+from .config import Settings
+from .server import (DEFAULT_CONTEXT_TOKENS, EXTRA_CONTEXT_SHARE, choose_completion, extra_context_preamble,
+                     plan_completion, prompt_chars)
+
+VERBS = ["parse", "merge", "compute", "normalize", "filter", "build", "format", "load", "split", "count",
+         "resolve", "clamp", "scale", "group", "rank", "encode"]
+NOUNS = ["ranges", "scores", "header", "tokens", "records", "path", "weights", "items", "config", "matrix",
+         "window", "prices", "labels", "offsets", "columns", "events"]
+PARAMS = ["values", "lower", "upper", "limit", "offset", "key", "default", "sep", "scale", "threshold", "items",
+          "width", "prefix", "count", "mapping", "factor", "start", "stop", "name", "data"]
+KINDS = ("args", "name", "call")
+
+
+@dataclass
+class Task:
+    name: str
+    kind: str
+    uri: str
+    text: str  # the document being edited
+    offset: int  # the cursor
+    expected: str  # the rest of the call line
+    target_def: str  # the target's definition line, to check the ranking
+    others: dict[str, str]  # the other open documents
+
+
+def _function(rng: random.Random, name: str, params: list[str]) -> str:
+    first = params[0]
+    body = [f"def {name}({', '.join(params)}):",
+            f'    """{name.replace("_", " ").capitalize()} of {first}."""',
+            "    out = []",
+            f"    for item in {first}:",
+            f"        if item is None:",
+            "            continue",
+            f"        out.append(item)",
+            "    return out"]
+    if rng.random() < 0.5:
+        body.insert(2, f"    if not {first}:\n        return []")
+    return "\n".join(body) + "\n"
+
+
+def build_tasks(n: int, seed: int = 0) -> list[Task]:
+    rng = random.Random(seed)
+    tasks = []
+    for i in range(n):
+        names = set()
+        while len(names) < 5:
+            names.add(f"{rng.choice(VERBS)}_{rng.choice(NOUNS)}")
+        target, *distractors = sorted(names, key=lambda _: rng.random())
+        params = rng.sample(PARAMS, rng.randint(2, 4))
+        module = rng.choice(["helpers", "utils", "tools", "common", "support"])
+        helper_fns = [(target, params)] + [(d, rng.sample(PARAMS, rng.randint(1, 3))) for d in distractors[:2]]
+        rng.shuffle(helper_fns)
+        helpers = "import math\n\n\n" + "\n\n".join(_function(rng, f, p) for f, p in helper_fns)
+        other = "import os\n\n\n" + "\n\n".join(_function(rng, d, rng.sample(PARAMS, 2)) for d in distractors[2:])
+
+        caller_params = params + [rng.choice([p for p in PARAMS if p not in params])]
+        while caller_params[:len(params)] == params:  # another order than the definition's
+            rng.shuffle(caller_params)
+        kind = KINDS[i % len(KINDS)]
+        call = f"{target}({', '.join(params)})"
+        verb, noun = target.split("_", 1)
+        typed = {"args": f"{target}(", "name": f"{verb}_", "call": ""}[kind]
+        head = (f"from {module} import {target}\n\n\n"
+                f"def run_{i}({', '.join(caller_params)}, verbose=False):\n"
+                f"    if verbose:\n"
+                f"        print(\"running\", {caller_params[0]})\n"
+                f"    result = {typed}")
+        text = head + "\n    return result\n"
+        tasks.append(Task(f"t{i:03d}", kind, f"file:///work/app/main_{i}.py", text, len(head),
+                          call[len(typed):], f"def {target}(", {
+                              f"file:///work/app/{module}.py": helpers,
+                              f"file:///work/app/other_{i}.py": other}))
+    return tasks
+
+
+def similarity(a: str, b: str) -> float:
+    return difflib.SequenceMatcher(None, a, b).ratio()
+
+
+def run_task(inf, task: Task, settings: Settings, with_chunks: bool) -> dict:
+    doc = D.Document(task.uri, task.text, "python")
+    max_chars = prompt_chars(inf.max_context_tokens or DEFAULT_CONTEXT_TOKENS)
+    budget = min(settings.extra_context_chars, int(max_chars * EXTRA_CONTEXT_SHARE))
+    preamble = extra_context_preamble(doc, task.offset, task.others, budget, "file:///work/app") if with_chunks else ""
+    plan = plan_completion(doc, task.offset, settings, preamble, max_chars)
+    if plan is None:
+        return {"task": task.name, "kind": task.kind, "suggestion": None, "exact": False, "similarity": 0.0,
+                "ms": 0.0, "nfe": 0, "preamble_chars": len(preamble), "chunk_found": False}
+    t0 = time.perf_counter()
+    result = inf.complete(plan.segments(), mode=plan.mode, **plan.overrides).to_dict()
+    ms = (time.perf_counter() - t0) * 1000
+    text = choose_completion(doc, task.offset, plan, result) or ""
+    line = text.split("\n", 1)[0]
+    return {"task": task.name, "kind": task.kind, "suggestion": line, "expected": task.expected,
+            "exact": line.strip() == task.expected, "similarity": round(similarity(line.strip(), task.expected), 4),
+            "ms": round(ms, 2), "nfe": result["nfe"], "preamble_chars": len(preamble),
+            "chunk_found": task.target_def in preamble}
+
+
+def summarize(rows: list[dict]) -> dict:
+    return {"tasks": len(rows), "exact_match": sum(r["exact"] for r in rows) / max(1, len(rows)),
+            "similarity": statistics.fmean(r["similarity"] for r in rows) if rows else 0.0,
+            "chunk_found": sum(r["chunk_found"] for r in rows) / max(1, len(rows)),
+            "ms_mean": statistics.fmean(r["ms"] for r in rows) if rows else 0.0,
+            "preamble_chars_mean": statistics.fmean(r["preamble_chars"] for r in rows) if rows else 0.0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dlm_ls.lsp_server.bench_extra_context", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="checkpoint folder (default: the shipped model/default)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tasks", type=int, default=48)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--out", help="results folder (default bench/results)")
+    args = p.parse_args(argv)
+
+    from dlm_ls.model.bench.common import BenchError, header, model_label, resolve_model, set_threads, table, \
+        write_result
+    from dlm_ls.model.infill import Infiller
+
+    try:
+        model_dir = resolve_model(args.model)
+    except BenchError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    set_threads(args.threads)
+    inf = Infiller(model_dir, device=args.device)
+    settings = Settings()
+    tasks = build_tasks(args.tasks, args.seed)
+    runs = {label: [run_task(inf, t, settings, label == "with") for t in tasks] for label in ("without", "with")}
+
+    result = header("extra_context", argv, str(inf.engine.device))
+    result.update(model=model_label(model_dir), tasks=len(tasks), seed=args.seed,
+                  extra_context_chars=settings.extra_context_chars,
+                  summary={label: summarize(rows) for label, rows in runs.items()},
+                  by_kind={label: {k: summarize([r for r in rows if r["kind"] == k]) for k in KINDS}
+                           for label, rows in runs.items()},
+                  rows=runs)
+    head = ["chunks", "kind", "tasks", "exact match", "similarity", "chunk found", "ms mean", "preamble chars"]
+    lines = []
+    for label in ("without", "with"):
+        for kind, s in [("all", result["summary"][label]), *result["by_kind"][label].items()]:
+            lines.append([label, kind, s["tasks"], s["exact_match"], s["similarity"], s["chunk_found"], s["ms_mean"],
+                          s["preamble_chars_mean"]])
+    print(f"extra context on {len(tasks)} call tasks, model {result['model']}, device {inf.engine.device}")
+    print(table(lines, head))
+    print(f"wrote {write_result(result, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Settings of the language server: the one place where their defaults live.
+
+Precedence, lowest first: these defaults, `dlm-ls serve` flags, the client's
+`initializationOptions`, then `workspace/didChangeConfiguration`. Keys may be written
+camelCase (`maxContextChars`, as editors do) or snake_case, at the top level or under a
+`dlm` / `dlm-ls` section. This module knows nothing of LSP, sockets or models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import DlmError
+
+# Sampler fields the client may override per server; None means "the checkpoint's sampler.json".
+SAMPLER_KEYS = ("strategy", "threshold", "max_steps", "block_size", "canvas_lengths", "max_tokens", "temperature")
+
+
+@dataclass
+class Settings:
+    model: str | None = None  # checkpoint folder; None = the shipped default model (model/default)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N; auto takes the GPU when torch sees one
+    dtype: str | None = None  # fp32 | bf16 | fp16; None = bf16 on a GPU, fp32 on a CPU
+    in_process: bool = False  # run the engine inside the server (tests, single-user setups); imports torch
+    idle_timeout_s: float = 600.0  # a worker with no request for this long exits and frees its memory
+    spawn_timeout_s: float = 180.0  # how long a new worker may take to import torch and load the model
+    request_timeout_s: float = 60.0  # one completion, end to end; then a clear error, never a hang
+    debounce_ms: int = 15  # wait this long for the next keystroke before asking the model (0 = never wait)
+    max_context_chars: int = 16_000  # each side of the cursor; the engine then cuts to its token budget
+    max_context_tokens: int | None = None  # passed to the engine when set; None = the engine's own limit
+    max_jobs: int = 32  # concurrent requests one worker accepts; more get a "busy" error
+    stream_refinement: bool = False  # send dlm/refinement notifications with each refinement step
+    # textDocument/completion: "auto" serves it only to clients without inline completion (VS Code
+    # would otherwise show every suggestion twice and run the model twice per keystroke).
+    completion_fallback: str = "auto"  # auto | always | never
+    max_syntax_chars: int = 1_000_000  # larger documents get line rules instead of a parse tree
+    # Among candidate lengths, show the cleaned one that leaves the fewest parse errors and never one
+    # that adds errors (postprocess.choose_best); false = the best-scored cleaned candidate.
+    parse_filter: bool = True
+    # Free suggestions (policy.py):
+    cache_entries: int = 256  # suggestions remembered by context (0 = no cache)
+    speculative: bool = True  # after showing a suggestion, compute the next as if it were accepted
+    warm: bool = True  # compute a document's context cache when it opens and when typing pauses
+    warm_delay_ms: int = 400  # "typing paused": this long after the last edit with no completion request
+    # Chunks of other open documents shown to the model before the prefix (extra_context.py); they
+    # take this many characters of the prefix's budget (0 = none).
+    extra_context_chars: int = 1500
+    hole_marker: str = "<|hole|>"  # dlm/fill fills every occurrence ...
+    python_ellipsis_holes: bool = True  # ... and, in Python, every lone `...` statement
+    # Sampler overrides (None = the model's sampler.json):
+    strategy: str | None = None
+    threshold: float | None = None
+    max_steps: int | None = None
+    block_size: int | None = None
+    canvas_lengths: tuple[int, ...] | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    log_level: str = "info"  # debug | info | warning | error
+    log_file: str | None = None  # also log here (the server always logs to stderr, which editors keep)
+    extra: dict[str, Any] = field(default_factory=dict)  # unknown keys, kept so the log shows them
+
+    def sampler_overrides(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in SAMPLER_KEYS if getattr(self, k) is not None}
+        if "canvas_lengths" in out:
+            out["canvas_lengths"] = list(out["canvas_lengths"])
+        return out
+
+    def public(self) -> dict[str, Any]:
+        """What `dlm/status` and the start-up log show."""
+        d = dataclasses.asdict(self)
+        if d["canvas_lengths"] is not None:
+            d["canvas_lengths"] = list(d["canvas_lengths"])
+        if not d["extra"]:
+            d.pop("extra")
+        return d
+
+    def merged(self, data: Any) -> tuple["Settings", list[str]]:
+        """A copy with `data` applied; bad keys are skipped and described in the returned list."""
+        problems: list[str] = []
+        if data is None:
+            return dataclasses.replace(self), problems
+        if not isinstance(data, dict):
+            return dataclasses.replace(self), [f"settings must be an object, not {type(data).__name__}"]
+        data = _section(data)
+        changes: dict[str, Any] = {}
+        extra = dict(self.extra)
+        for raw_key, value in data.items():
+            key = _snake(str(raw_key))
+            if key not in _FIELDS or key == "extra":
+                extra[str(raw_key)] = value
+                continue
+            try:
+                changes[key] = _coerce(key, value)
+            except DlmError as exc:
+                problems.append(exc.message)
+        if extra:
+            problems.append("unknown settings ignored: " + ", ".join(sorted(extra)))
+        return dataclasses.replace(self, **changes, extra=extra), problems
+
+
+def _section(data: dict[str, Any]) -> dict[str, Any]:
+    for name in ("dlm", "dlm-ls", "dlmLs", "dlm_ls"):
+        inner = data.get(name)
+        if isinstance(inner, dict):
+            rest = {k: v for k, v in data.items() if k != name}
+            return {**rest, **inner}
+    return data
+
+
+def _snake(key: str) -> str:
+    key = key.replace("-", "_")
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", key).lower()
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+_OPTIONAL = {"model", "dtype", "max_context_tokens", "log_file", *SAMPLER_KEYS}
+_CHOICES = {
+    "log_level": ("debug", "info", "warning", "error"),
+    "strategy": ("parallel", "ar"),
+    "dtype": ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16", "auto"),
+    "completion_fallback": ("auto", "always", "never"),
+}
+_INTS = {"debounce_ms", "max_context_chars", "max_syntax_chars", "max_context_tokens", "max_jobs", "max_steps",
+         "block_size", "max_tokens", "cache_entries", "warm_delay_ms", "extra_context_chars"}
+_ZERO_OK = {"debounce_ms", "cache_entries", "warm_delay_ms", "extra_context_chars"}  # 0 switches the feature off
+_FLOATS = {"idle_timeout_s", "spawn_timeout_s", "request_timeout_s", "threshold", "temperature"}
+_BOOLS = {"in_process", "stream_refinement", "speculative", "warm", "python_ellipsis_holes", "parse_filter"}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    def bad(why: str) -> DlmError:
+        return DlmError("config_error", f"setting {key!r}: {why} (got {value!r})")
+
+    if value is None:
+        if key in _OPTIONAL:
+            return None
+        raise bad("may not be null")
+    if key in _BOOLS:
+        if isinstance(value, bool):
+            return value
+        raise bad("must be true or false")
+    if key in _INTS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise bad("must be an integer")
+        if value < 0 or (value == 0 and key not in _ZERO_OK):
+            raise bad("must be positive")
+        return int(value)
+    if key in _FLOATS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("must be a number")
+        if value < 0:
+            raise bad("must not be negative")
+        if key == "threshold" and value > 1:
+            raise bad("must be between 0 and 1")
+        return float(value)
+    if key == "canvas_lengths":
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not value or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value):
+            raise bad("must be a non-empty list of positive integers")
+        return tuple(value)
+    if not isinstance(value, str):
+        raise bad("must be a string")
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise bad("must be one of " + ", ".join(_CHOICES[key]))
+    if key == "device" and not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
+        raise bad("must be auto, cpu, cuda or cuda:N")
+    return value

@@ -1,0 +1,449 @@
+"""The server's side of the worker: connect, spawn, reuse, restart, and the in-process variant.
+
+`WorkerClient` speaks msgpack-RPC (see rpc.py) to the worker of one (model folder, device)
+per user. The first client spawns it (`python -m dlm_ls.lsp_server.cli worker ...`, in its own
+session so it outlives the editor), holding a lock file so two servers starting at once spawn
+one worker; later clients connect to its socket. When the worker is gone (idle timeout,
+crash, kill), the next call starts a new one, and an infill interrupted by the worker's death
+is retried once on the new worker.
+
+`InProcessBackend` offers the same calls with the worker's scheduler running on a thread of
+this process (`--in-process`); only it imports torch.
+
+This module knows nothing of LSP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import importlib.util
+import itertools
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from . import rpc
+from .config import Settings
+from .errors import DlmError
+
+log = logging.getLogger("dlm_ls.worker_client")
+
+OnStep = Callable[[dict[str, Any]], None]
+LOG_ROTATE_BYTES = 8 * 1024 * 1024
+
+
+def default_model_dir() -> Path:
+    """The shipped default model (model/default), found without importing the model package."""
+    spec = importlib.util.find_spec("dlm_ls.model")
+    if spec is None or not spec.submodule_search_locations:
+        raise DlmError("model_error", "the dlm_ls.model package is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / "default"
+
+
+def resolve_model_dir(model: str | None) -> Path:
+    path = Path(model).expanduser() if model else default_model_dir()
+    if not (path / "config.json").is_file():
+        if model:
+            raise DlmError("model_error", f"no model checkpoint at {path} (expected config.json there)")
+        raise DlmError("model_error", f"the shipped default model is missing at {path}; "
+                                      "pass --model DIR (or the `model` setting) with a checkpoint folder")
+    return path.resolve()
+
+
+async def in_thread(fn: Callable, *args: Any) -> Any:
+    """Run a blocking call on a daemon thread: unlike an executor's, nobody waits for it at exit
+    (a server told to exit while a worker is still loading must exit now)."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if fut.done():
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop may be closed by now
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name=f"dlm-{getattr(fn, '__name__', 'call')}", daemon=True).start()
+    return await fut
+
+
+class WorkerGone(DlmError):
+    def __init__(self, message: str):
+        super().__init__("worker_unavailable", message)
+
+
+# --------------------------------------------------------------------------- one connection
+
+
+class Connection:
+    """One msgpack-RPC connection to a worker: requests out, responses and notifications in."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+        self.pending: dict[int, asyncio.Future] = {}
+        self.listeners: dict[str, OnStep] = {}  # request id -> refinement callback
+        self.ids = itertools.count(1)
+        self.closed = False
+        self.close_reason = "the worker closed the connection"
+        self.reader_task = asyncio.get_running_loop().create_task(self._read_loop())
+
+    @classmethod
+    async def open(cls, path: Path) -> "Connection":
+        reader, writer = await asyncio.open_unix_connection(str(path), limit=rpc.MAX_FRAME_BYTES)
+        return cls(reader, writer)
+
+    async def call(self, method: str, params: Any, on_step: OnStep | None = None,
+                   request_id: str | None = None) -> Any:
+        if self.closed:
+            raise WorkerGone(self.close_reason)
+        msgid = next(self.ids)
+        frame = rpc.encode(rpc.request(msgid, method, params))  # raises too_large before sending
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[msgid] = fut
+        if on_step is not None and request_id is not None:
+            self.listeners[request_id] = on_step
+        try:
+            self.writer.write(frame)
+            await self.writer.drain()
+            return await fut
+        except (ConnectionError, OSError) as exc:
+            self._fail_all(f"lost the connection to the worker: {exc}")
+            raise WorkerGone(self.close_reason) from None
+        finally:
+            self.pending.pop(msgid, None)
+            if request_id is not None:
+                self.listeners.pop(request_id, None)
+
+    def call_soon(self, method: str, params: Any) -> None:
+        """Fire a request whose answer nobody waits for (cancel); failures are only logged."""
+        if self.closed:
+            return
+        task = asyncio.get_running_loop().create_task(self.call(method, params))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or
+                               log.debug("%s failed: %s", method, t.exception()))
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                body = await rpc.read_frame(self.reader)
+                if body is None:
+                    break
+                msg = rpc.decode(body)
+                if msg.kind == rpc.RESPONSE:
+                    fut = self.pending.get(msg.msgid)
+                    if fut is not None and not fut.done():
+                        if msg.error is not None:
+                            fut.set_exception(DlmError.from_dict(msg.error))
+                        else:
+                            fut.set_result(msg.result)
+                elif msg.kind == rpc.NOTIFY:
+                    self._notified(msg.method, msg.params)
+        except (DlmError, ConnectionError, OSError) as exc:
+            self.close_reason = f"connection to the worker broke: {exc}"
+        finally:
+            self._fail_all(self.close_reason)
+
+    def _notified(self, method: str, params: Any) -> None:
+        if method == "refinement" and isinstance(params, dict):
+            listener = self.listeners.get(str(params.get("id")))
+            if listener is not None:
+                try:
+                    listener(params)
+                except Exception:  # a listener's bug must not kill the connection
+                    log.exception("refinement listener failed")
+        elif method == "error" and isinstance(params, dict):
+            # The worker could not tie an error to a request (an unreadable frame): fail them all.
+            err = DlmError.from_dict(params)
+            for fut in list(self.pending.values()):
+                if not fut.done():
+                    fut.set_exception(err)
+
+    def _fail_all(self, reason: str) -> None:
+        self.closed = True
+        self.close_reason = reason
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(WorkerGone(reason))
+        self.pending.clear()
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+    async def close(self) -> None:
+        self._fail_all("closed by the client")
+        self.reader_task.cancel()
+        with contextlib.suppress(BaseException):
+            await self.reader_task
+
+
+# --------------------------------------------------------------------------- the worker daemon
+
+
+def _probe(path: Path) -> bool:
+    """Is something accepting connections on this socket?"""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(1.0)
+    try:
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def _alive(path: Path, timeout: float = 5.0) -> bool:
+    """Does a worker answer a ping on this socket? (A worker being killed may still accept.)"""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(str(path))
+        s.sendall(rpc.encode(rpc.request(0, "ping", {})))
+        data = b""
+        while len(data) < rpc.HEADER.size or len(data) < rpc.HEADER.size + rpc.HEADER.unpack(data[:4])[0]:
+            chunk = s.recv(4096)
+            if not chunk:
+                return False
+            data += chunk
+        msg = rpc.decode(data[rpc.HEADER.size:])
+        return msg.kind == rpc.RESPONSE and msg.error is None
+    except (OSError, DlmError):
+        return False
+    finally:
+        s.close()
+
+
+def _log_tail(path: Path, since: int, lines: int = 6) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(since)
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    kept = [ln for ln in text.splitlines() if ln.strip()]
+    return "\n".join(kept[-lines:])
+
+
+class WorkerClient:
+    """Reach the worker for `settings.model` on `settings.device`, starting it when needed."""
+
+    in_process = False
+
+    def __init__(self, settings: Settings, python: str = sys.executable):
+        self.settings = settings
+        self.python = python
+        self.model_dir = resolve_model_dir(settings.model)
+        self.endpoint = rpc.endpoint(self.model_dir, settings.device)
+        self.conn: Connection | None = None
+        self.spawned: list[subprocess.Popen] = []
+        self.restarts = 0
+        self._lock = asyncio.Lock()
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": "worker", "socket": str(self.endpoint.socket), "log": str(self.endpoint.log_file),
+                "restarts": self.restarts}
+
+    async def connection(self) -> Connection:
+        """The live connection, connecting (and spawning the worker) when there is none."""
+        async with self._lock:
+            if self.conn is not None and not self.conn.closed:
+                return self.conn
+            if self.conn is not None:
+                self.restarts += 1
+                log.warning("worker connection lost (%s); reconnecting", self.conn.close_reason)
+            self.conn = await self._connect_or_spawn()
+            return self.conn
+
+    async def _connect_or_spawn(self) -> Connection:
+        rpc.ensure_private_dir(self.endpoint.socket.parent)
+        conn = await self._open_checked()
+        if conn is not None:
+            return conn
+        await in_thread(self._spawn_locked)
+        conn = await self._open_checked()
+        if conn is None:
+            raise WorkerGone(f"the worker started but does not answer on {self.endpoint.socket}")
+        return conn
+
+    async def _open_checked(self) -> Connection | None:
+        """A connection whose worker answered a ping; None when no live worker is there."""
+        try:
+            conn = await Connection.open(self.endpoint.socket)
+        except OSError:
+            return None
+        try:
+            await asyncio.wait_for(conn.call("ping", {}), 10.0)
+            return conn
+        except (DlmError, asyncio.TimeoutError):
+            await conn.close()
+            return None
+
+    def _spawn_locked(self) -> None:
+        """Start a worker unless another process did; blocks until its socket answers."""
+        ep = self.endpoint
+        fd = os.open(ep.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # a second server starting now waits here, then finds the worker up
+            if _alive(ep.socket):
+                return
+            self._spawn(ep)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _spawn(self, ep: rpc.Endpoint) -> None:
+        s = self.settings
+        if ep.log_file.exists() and ep.log_file.stat().st_size > LOG_ROTATE_BYTES:
+            os.replace(ep.log_file, ep.log_file.with_suffix(".log.1"))
+        cmd = [self.python, "-m", "dlm_ls.lsp_server.cli", "worker", "--model", str(self.model_dir),
+               "--device", s.device, "--socket", str(ep.socket), "--idle-timeout", str(s.idle_timeout_s),
+               "--max-jobs", str(s.max_jobs)]
+        if s.dtype:
+            cmd += ["--dtype", s.dtype]
+        if s.max_context_tokens:
+            cmd += ["--max-context-tokens", str(s.max_context_tokens)]
+        env = dict(os.environ)
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        fd = os.open(ep.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        start = os.lseek(fd, 0, os.SEEK_END)
+        log.info("starting a worker: %s (log: %s)", " ".join(cmd), ep.log_file)
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, env=env,
+                                    start_new_session=True, close_fds=True)
+        finally:
+            os.close(fd)
+        self.spawned.append(proc)
+        started = time.monotonic()
+        deadline = started + s.spawn_timeout_s
+        while time.monotonic() < deadline:
+            if _alive(ep.socket):
+                log.info("worker pid %d is up after %.1f s", proc.pid, time.monotonic() - started)
+                return
+            if proc.poll() is not None:
+                tail = _log_tail(ep.log_file, start)
+                raise WorkerGone(f"the worker exited with status {proc.returncode} before it was ready"
+                                 + (f":\n{tail}" if tail else f"; see {ep.log_file}"))
+            time.sleep(0.05)
+        proc.kill()
+        raise WorkerGone(f"the worker was not ready after {s.spawn_timeout_s:.0f} s; see {ep.log_file}")
+
+    # -- calls
+
+    async def infill(self, params: dict[str, Any], on_step: OnStep | None = None) -> dict[str, Any]:
+        """Run one completion; retried once on a new worker if the worker died under it."""
+        request_id = str(params["id"])
+        for attempt in (1, 2):
+            conn = await self.connection()
+            try:
+                return await conn.call("infill", params, on_step, request_id)
+            except WorkerGone as exc:
+                if attempt == 2:
+                    raise
+                log.warning("the worker went away mid-request (%s); retrying on a new one", exc)
+            except asyncio.CancelledError:
+                conn.call_soon("cancel", {"id": request_id})  # stop it between two steps in the worker
+                raise
+        raise AssertionError("unreachable")
+
+    async def call(self, method: str, params: Any = None) -> Any:
+        conn = await self.connection()
+        return await conn.call(method, params if params is not None else {})
+
+    async def status(self) -> dict[str, Any]:
+        return await self.call("status")
+
+    async def warm(self, params: dict[str, Any]) -> Any:
+        return await self.call("warm", params)
+
+    async def close(self) -> None:
+        """Drop the connection; the worker stays for other servers until its idle timeout."""
+        if self.conn is not None:
+            await self.conn.close()
+            self.conn = None
+        for proc in self.spawned:
+            proc.poll()  # reap it if it already exited
+
+
+# --------------------------------------------------------------------------- in-process engine
+
+
+class InProcessBackend:
+    """The worker's scheduler on a thread of this process: same calls, no socket, imports torch."""
+
+    in_process = True
+
+    def __init__(self, settings: Settings):
+        from dlm_ls.model.worker import Scheduler  # torch arrives here, and only here
+
+        self.settings = settings
+        self.model_dir = resolve_model_dir(settings.model)
+        self.scheduler = Scheduler(str(self.model_dir), device=settings.device, dtype=settings.dtype,
+                                   max_jobs=settings.max_jobs, max_context_tokens=settings.max_context_tokens)
+        self.scheduler.start()
+        self.owner = object()  # the scheduler's "connection" for every request of this server
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": "in-process"}
+
+    def _bridge(self) -> tuple[asyncio.Future, Callable]:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def done(result: Any, error: DlmError | None) -> None:
+            def settle() -> None:
+                if fut.done():
+                    return
+                if error is not None:
+                    fut.set_exception(error)
+                else:
+                    fut.set_result(result)
+            loop.call_soon_threadsafe(settle)
+        return fut, done
+
+    async def infill(self, params: dict[str, Any], on_step: OnStep | None = None) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        fut, done = self._bridge()
+        step_cb = None
+        if on_step is not None:
+            def step_cb(update: dict[str, Any]) -> None:
+                loop.call_soon_threadsafe(on_step, update)
+        self.scheduler.submit(self.owner, params, done, step_cb)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            self.scheduler.cancel(self.owner, str(params["id"]))
+            raise
+
+    async def call(self, method: str, params: Any = None) -> Any:
+        fut, done = self._bridge()
+        self.scheduler.control(method, params or {}, done)
+        return await fut
+
+    async def status(self) -> dict[str, Any]:
+        return await self.call("status")
+
+    async def warm(self, params: dict[str, Any]) -> Any:
+        return await self.call("warm", params)
+
+    async def close(self) -> None:
+        await in_thread(self.scheduler.stop)
+
+
+def make_backend(settings: Settings) -> WorkerClient | InProcessBackend:
+    return InProcessBackend(settings) if settings.in_process else WorkerClient(settings)

@@ -1,0 +1,107 @@
+"""msgpack-RPC framing and the worker's runtime directory (no worker, no model)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+
+import msgpack
+import pytest
+
+from dlm_ls.lsp_server import rpc
+from dlm_ls.lsp_server.errors import DlmError
+
+
+def reader_with(data: bytes) -> asyncio.StreamReader:
+    r = asyncio.StreamReader()
+    r.feed_data(data)
+    r.feed_eof()
+    return r
+
+
+def test_messages_round_trip():
+    for msg in (rpc.request(7, "infill", {"segments": ["a", "b"], "stream": True}),
+                rpc.response(7, None, {"middles": ["x😀"]}),
+                rpc.response(8, {"code": "busy", "message": "later"}, None),
+                rpc.notification("refinement", {"id": "r1", "step": 2, "text": ["░x"]})):
+        frame = rpc.encode(msg)
+        assert int.from_bytes(frame[:4], "big") == len(frame) - 4
+        m = rpc.decode(frame[4:])
+        assert m.kind == msg[0]
+    m = rpc.decode(rpc.encode(rpc.request(3, "status", {}))[4:])
+    assert (m.msgid, m.method, m.params) == (3, "status", {})
+
+
+@pytest.mark.parametrize("body,msgid", [
+    (b"\xc1\xc1\xc1", None),  # not msgpack
+    (msgpack.packb({"a": 1}), None),  # not an array
+    (msgpack.packb([0, 5, 12, {}]), 5),  # method not a string: the msgid is still reported
+    (msgpack.packb([0, 5, "x"]), 5),  # too short
+    (msgpack.packb([9, 1, "x", None]), 1),  # unknown type
+    (msgpack.packb([2, 3, None]), None),
+])
+def test_malformed_bodies_raise_protocol_errors(body, msgid):
+    with pytest.raises(rpc.ProtocolError) as err:
+        rpc.decode(body)
+    assert err.value.code == "protocol_error" and err.value.msgid == msgid
+    assert "malformed" in str(err.value)
+
+
+def test_encode_refuses_oversized_payloads():
+    with pytest.raises(rpc.FrameTooLarge) as err:
+        rpc.encode(rpc.request(1, "infill", {"segments": ["x" * 2000, ""]}), max_bytes=1000)
+    assert err.value.code == "too_large" and "limit" in str(err.value)
+
+
+async def test_read_frame_skips_an_oversized_frame_and_stays_in_step():
+    big = rpc.encode(rpc.request(42, "infill", {"segments": ["x" * 5000, ""]}), max_bytes=1 << 20)
+    small = rpc.encode(rpc.request(43, "status", {}))
+    r = reader_with(big + small)
+    with pytest.raises(rpc.FrameTooLarge) as err:
+        await rpc.read_frame(r, max_bytes=1000)
+    assert err.value.msgid == 42 and err.value.size == len(big) - 4
+    assert rpc.decode(await rpc.read_frame(r, max_bytes=1000)).msgid == 43
+    assert await rpc.read_frame(r) is None
+
+
+async def test_read_frame_truncated_stream():
+    frame = rpc.encode(rpc.request(1, "status", {}))
+    with pytest.raises(rpc.ProtocolError):
+        await rpc.read_frame(reader_with(frame[:-2]))
+    with pytest.raises(rpc.ProtocolError):
+        await rpc.read_frame(reader_with(frame[:2]))
+    assert await rpc.read_frame(reader_with(b"")) is None
+
+
+def test_runtime_dir_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("DLM_LS_RUNTIME_DIR", str(tmp_path / "a"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "x"))
+    assert rpc.runtime_dir() == tmp_path / "a"
+    monkeypatch.delenv("DLM_LS_RUNTIME_DIR")
+    assert rpc.runtime_dir() == tmp_path / "x" / "dlm-ls"
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert rpc.runtime_dir() == rpc.Path(f"/tmp/dlm-ls-{os.getuid()}")
+
+
+def test_private_dir_is_0700_even_if_it_existed_open(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir(mode=0o755)
+    os.chmod(d, 0o755)
+    rpc.ensure_private_dir(d)
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+    link = tmp_path / "link"
+    link.symlink_to(d)
+    with pytest.raises(DlmError):
+        rpc.ensure_private_dir(link)
+
+
+def test_endpoint_is_per_model_and_device(tmp_path):
+    a = rpc.endpoint(tmp_path / "m1", "cpu", tmp_path)
+    assert a == rpc.endpoint(tmp_path / "m1" / ".." / "m1", "cpu", tmp_path)
+    assert a.socket != rpc.endpoint(tmp_path / "m2", "cpu", tmp_path).socket
+    assert a.socket != rpc.endpoint(tmp_path / "m1", "cuda", tmp_path).socket
+    assert a.socket.parent == tmp_path and a.socket.name.endswith(".sock")
+    with pytest.raises(DlmError) as err:
+        rpc.endpoint(tmp_path / "m1", "cpu", tmp_path / ("d" * 120))
+    assert "DLM_LS_RUNTIME_DIR" in str(err.value)
