@@ -43,15 +43,15 @@ def read_log(run: Path) -> tuple[dict, list[dict]]:
 
 
 def _fmt_eval(ev: dict) -> str:
-    """A markdown table from the eval JSON's rows (whatever measures it holds)."""
-    rows = ev.get("rows") or ev.get("results") or []
-    if not rows:
-        return "```json\n" + json.dumps(ev, indent=1)[:4000] + "\n```"
-    keys = list(rows[0].keys())
-    out = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for r in rows:
-        out.append("| " + " | ".join(f"{r.get(k):.3g}" if isinstance(r.get(k), float) else str(r.get(k)) for k in keys) + " |")
-    return "\n".join(out)
+    """A markdown table from `dlm-ls eval`'s summary: per strategy and task kind."""
+    rows = ["| strategy | kind | tasks | exact match | parses | mean NFE | tokens/pass | ms |",
+            "|---|---|---|---|---|---|---|---|"]
+    for config, kinds in ev.get("summary", {}).items():
+        for kind, s in kinds.items():
+            rows.append(f"| {config} | {kind} | {s.get('n')} | {s.get('exact_match', 0):.3f} | "
+                        f"{s.get('parse_rate', 0):.3f} | {s.get('mean_nfe', 0):.1f} | "
+                        f"{s.get('tokens_per_pass', 0):.2f} | {s.get('mean_wall_ms', 0):.0f} |")
+    return "\n".join(rows)
 
 
 def data_card(run: Path, checkpoint: Path, manifest: dict, ev: dict | None, extra_note: str) -> str:
@@ -107,7 +107,10 @@ def data_card(run: Path, checkpoint: Path, manifest: dict, ev: dict | None, extr
         "",
     ]
     if ev:
-        lines += [f"Command: `{ev.get('command', '?')}` on {ev.get('machine', '?')}, {ev.get('date', '?')}", "", _fmt_eval(ev)]
+        m = ev.get("machine", {})
+        lines += [f"Command: `{ev.get('command', '?')}`; {ev.get('date', '?')}; {m.get('cpu', '?')}, "
+                  f"{m.get('cpus', '?')} cores, torch {m.get('torch', '?')}, device {m.get('device', '?')}", "",
+                  _fmt_eval(ev)]
     else:
         lines += ["Not evaluated yet."]
     return "\n".join(lines) + "\n"

@@ -1,0 +1,206 @@
+"""Build the README's results section from bench/results/*.json; never type a figure by hand.
+
+    python -m dlm_ls.model.bench.report            print the markdown
+    python -m dlm_ls.model.bench.report --write    replace the README section between
+                                                   <!-- results:start --> and <!-- results:end -->
+    python -m dlm_ls.model.bench.report --check    exit 1 when the README is out of date
+
+Every table names the run it comes from: model, machine, date, git commit and command. Only the
+text between the two markers is touched; without them the README is left alone (and --write
+says so).
+
+Knows the result files' format; knows nothing of how they were measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .common import REPO_ROOT, RESULTS_DIR
+
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+ORDER = ("quality", "ratio", "step", "latency")
+
+
+def load_results(results_dir: Path) -> list[dict[str, Any]]:
+    out = []
+    for path in sorted(results_dir.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict) and data.get("benchmark") in ORDER:
+            data["_file"] = path
+            out.append(data)
+    out.sort(key=lambda d: (ORDER.index(d["benchmark"]), d["machine"].get("device") or ""))
+    return out
+
+
+def _f(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _ms(x: Any) -> str:
+    return "–" if x is None else f"{x:.0f}" if x >= 10 else f"{x:.1f}"
+
+
+def _md(rows: list[list[str]], head: list[str], align: str | None = None) -> str:
+    align = align or "l" + "r" * (len(head) - 1)
+    sep = ["---" if a == "l" else "---:" for a in align]
+    return "\n".join("| " + " | ".join(r) + " |" for r in [head, sep, *rows])
+
+
+def provenance(d: dict) -> str:
+    m, g = d["machine"], d.get("git") or {}
+    model = d.get("model") or {}
+    params = model.get("parameters")
+    where = m.get("gpu") if str(m.get("device", "")).startswith("cuda") else f"{m.get('cpu')} ({m.get('cpus')} CPUs)"
+    commit = (g.get("commit") or "unknown")[:10] + (" (uncommitted changes)" if g.get("dirty") else "")
+    size = f", {params / 1e6:.1f}M parameters" if params else ""
+    return (f"<sub>model `{model.get('path')}`{size}; {where}; {d['date'][:10]}; commit {commit}; "
+            f"`{d['command']}`</sub>")
+
+
+def quality_section(d: dict) -> str:
+    groups = ["line", "block", "span", "exec-line", "exec-block", "exec-span", "all"]
+    rows = []
+    for config, kinds in d["summary"].items():
+        for g in groups:
+            s = kinds.get(g)
+            if not s:
+                continue
+            rows.append([config, g, str(s["n"]), _f(s["exact_match"]), _f(s["parse_rate"]), _f(s.get("pass_at_1")),
+                         _f(s["mean_nfe"], 1), _f(s["tokens_per_pass"], 2)])
+    t = d.get("tasks", {})
+    intro = (f"**Quality** ({t.get('heldout')} held-out tasks from {', '.join(t.get('packages', []))}; "
+             f"{t.get('exec')} execution tasks):")
+    return "\n".join([intro, "", _md(rows, ["strategy", "tasks", "n", "exact match", "parses", "pass@1", "NFE",
+                                            "tokens/pass"], "llrrrrrr"), "", provenance(d)])
+
+
+def ratio_section(d: dict) -> str:
+    r, eq = d["ratio"], d.get("at_equal_quality")
+    delta = ", ".join(f"{k.replace('_', ' ')} {v:+.3f}" for k, v in r["quality_delta"].items())
+    rows = [["NFE ratio (ar / parallel)", _f(r["nfe_ratio"], 2)],
+            ["wall-clock ratio (ar / parallel)", _f(r["wall_ratio"], 2)],
+            ["tokens per forward pass, parallel / ar",
+             f"{_f(r['tokens_per_pass']['parallel'], 2)} / {_f(r['tokens_per_pass']['ar'], 2)}"],
+            ["quality delta (parallel − ar)", delta]]
+    if eq:
+        rows.append([f"at equal quality ({eq['config']})",
+                     f"NFE ×{_f(eq['nfe_ratio'], 2)}, wall-clock ×{_f(eq['wall_ratio'], 2)}"])
+    else:
+        rows.append(["at equal quality", "none: no parallel setting reached ar's exact match (or it is 0)"])
+    curve = [[p["config"], _f(p["threshold"], 2), _f(p["exact_match"]), _f(p["pass_at_1"]), _f(p["mean_nfe"], 1),
+              _ms(p["mean_wall_ms"])] for p in d["curve"]]
+    parts = [f"**Speed ratio**, parallel against ar on the same {r['n']} tasks in one run:", "",
+             _md(rows, ["", "value"]), "",
+             _md(curve, ["setting", "threshold", "exact match", "pass@1", "NFE", "ms"]), ""]
+    plot = d.get("plot")
+    if plot:
+        parts += [f"![quality against speed]({plot})", ""]
+    return "\n".join(parts + [provenance(d)])
+
+
+def step_section(d: dict) -> str:
+    rows = d["rows"]
+    canvases = sorted({r["canvas"] for r in rows})
+    contexts = sorted({r["context"] for r in rows})
+    by = {(r["context"], r["canvas"]): r for r in rows}
+    table = [[str(c)] + [_ms(by[(c, k)]["median_ms"]) if (c, k) in by else "–" for k in canvases]
+             + [_ms(by[(c, canvases[0])]["prefill_ms"]) if (c, canvases[0]) in by else "–"] for c in contexts]
+    head = ["context tokens"] + [f"canvas {k}" + (" (ar)" if k == 1 else "") for k in canvases] + ["prefill"]
+    dev = d["machine"].get("device")
+    return "\n".join([f"**Refinement step** on {dev}, median ms per step:", "", _md(table, head), "", provenance(d)])
+
+
+def latency_section(d: dict) -> str:
+    rows = []
+    for c in d["contexts"]:
+        lat, pl = c["latency_ms"], c["pause_latency_ms"]
+        to_model = (c.get("server_counters") or {}).get("model_calls")
+        rows.append([str(c["context_tokens"]), str(c["requests"]), _f(to_model), str(c["answered"]),
+                     str(c["suggestions"]), _ms(lat["p50"]), _ms(lat["p95"]), _ms(lat["p99"]), _ms(pl["p50"])])
+    mib = lambda b: "–" if not b else f"{b / (1 << 20):.0f} MiB"  # noqa: E731
+    s = d.get("startup_ms") or {}
+    hit = d.get("context_cache_hit_rate")
+    step = d.get("model_ms_per_forward_pass")
+    facts = [f"server start to `initialize` answered: {_ms(s.get('p50'))} ms (p50 of {s.get('count')})",
+             f"RSS: server {mib((d.get('server_rss') or {}).get('rss_bytes'))}, "
+             f"worker {mib((d.get('worker_rss') or {}).get('rss_bytes'))}",
+             f"context cache hit rate {_f(hit, 2)}; model time per forward pass {_ms(step)} ms"]
+    if d.get("result_cache_hit_rate") is not None:
+        facts.append(f"result cache hit rate {_f(d['result_cache_hit_rate'], 2)}")
+    return "\n".join([f"**Latency through LSP** (`textDocument/inlineCompletion`, typing replayed at "
+                      f"{d.get('typing_ms')} ms a key, superseded requests cancelled), request to response in ms:", "",
+                      _md(rows, ["context tokens", "requests", "to the model", "answered", "shown", "p50", "p95", "p99",
+                                 "p50 at pauses"]), "",
+                      "; ".join(facts) + ".", "", provenance(d)])
+
+
+SECTIONS = {"quality": quality_section, "ratio": ratio_section, "step": step_section, "latency": latency_section}
+
+
+def render(results: list[dict]) -> str:
+    if not results:
+        return "_No benchmark results yet: run `make bench`._"
+    parts = [f"_Generated by `python -m dlm_ls.model.bench.report` from `bench/results/`; do not edit by hand._"]
+    for d in results:
+        try:
+            parts.append(SECTIONS[d["benchmark"]](d))
+        except (KeyError, TypeError) as exc:  # an old or partial file: say so, keep the others
+            parts.append(f"_{d['_file'].name}: unreadable ({type(exc).__name__}: {exc})_")
+    return "\n\n".join(parts)
+
+
+def replace_section(readme: str, body: str) -> str | None:
+    """README text with the marked section replaced; None when the markers are missing."""
+    a, b = readme.find(START), readme.find(END)
+    if a < 0 or b < 0 or b < a:
+        return None
+    return readme[: a + len(START)] + "\n" + body + "\n" + readme[b:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dlm_ls.model.bench.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", default=str(RESULTS_DIR), help="folder of result JSON files")
+    p.add_argument("--readme", default=str(REPO_ROOT / "README.md"))
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--write", action="store_true", help="replace the README's marked section")
+    g.add_argument("--check", action="store_true", help="exit 1 when the README's marked section is stale")
+    args = p.parse_args(argv)
+    body = render(load_results(Path(args.results)))
+    if not (args.write or args.check):
+        print(body)
+        return 0
+    readme = Path(args.readme)
+    text = readme.read_text() if readme.exists() else ""
+    new = replace_section(text, body)
+    if new is None:
+        print(f"{readme}: no {START} ... {END} markers; nothing replaced. The section:\n", file=sys.stderr)
+        print(body)
+        return 1 if args.check else 0
+    if args.check:
+        if new != text:
+            print(f"{readme}: the results section is stale; run python -m dlm_ls.model.bench.report --write",
+                  file=sys.stderr)
+            return 1
+        return 0
+    if new != text:
+        readme.write_text(new)
+        print(f"updated the results section of {readme}")
+    else:
+        print(f"{readme}: results section already current")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
