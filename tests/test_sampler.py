@@ -68,6 +68,16 @@ def test_choose_commits_rule():
     assert choose_commits([True, False, True], [False, False, False], [0.1, 0.1, 0.1], True) == [0, 2]
 
 
+def test_a_chosen_pad_takes_the_pad_guesses_just_before_it():
+    P = T.PAD_ID
+    tokens = [A, P, P, P, B, P]
+    masked = [True, True, True, True, False, True]
+    # Nothing clears the threshold; the most confident slot is the pad at 3.
+    chosen = choose_commits(masked, [False] * 6, [0.5, 0.6, 0.7, 0.8, 0.0, 0.1], False, tokens)
+    assert chosen == [1, 2, 3]
+    assert choose_commits(masked, [False] * 6, [0.9, 0.6, 0.7, 0.8, 0.0, 0.1], False, tokens) == [0]
+
+
 def test_threshold_commits_and_at_least_one_per_step():
     script = [
         [[(A, 0.95), (B, 0.5), (C, 0.97), (D, 0.3)]],
