@@ -58,19 +58,21 @@ def resolve_model_dir(model: str | None) -> Path:
     return path.resolve()
 
 
+def settle(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    """Resolve `fut` once (on its loop's thread); a future already cancelled stays cancelled."""
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+
+
 async def in_thread(fn: Callable, *args: Any) -> Any:
     """Run a blocking call on a daemon thread: unlike an executor's, nobody waits for it at exit
     (a server told to exit while a worker is still loading must exit now)."""
     loop = asyncio.get_running_loop()
     fut = loop.create_future()
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if fut.done():
-            return
-        if error is not None:
-            fut.set_exception(error)
-        else:
-            fut.set_result(result)
 
     def run() -> None:
         try:
@@ -78,7 +80,7 @@ async def in_thread(fn: Callable, *args: Any) -> Any:
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
             result, error = None, exc
         with contextlib.suppress(RuntimeError):  # the loop may be closed by now
-            loop.call_soon_threadsafe(settle, result, error)
+            loop.call_soon_threadsafe(settle, fut, result, error)
 
     threading.Thread(target=run, name=f"dlm-{getattr(fn, '__name__', 'call')}", daemon=True).start()
     return await fut
@@ -406,14 +408,7 @@ class InProcessBackend:
         fut = loop.create_future()
 
         def done(result: Any, error: DlmError | None) -> None:
-            def settle() -> None:
-                if fut.done():
-                    return
-                if error is not None:
-                    fut.set_exception(error)
-                else:
-                    fut.set_result(result)
-            loop.call_soon_threadsafe(settle)
+            loop.call_soon_threadsafe(settle, fut, result, error)
         return fut, done
 
     async def infill(self, params: dict[str, Any], on_step: OnStep | None = None) -> dict[str, Any]:

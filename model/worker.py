@@ -335,6 +335,14 @@ class ClientLink:
             frame = rpc.encode(rpc.response(message[1], exc.as_dict(), None))
         self.writer.write(frame)
 
+    def report(self, exc: "rpc.ProtocolError | rpc.FrameTooLarge") -> None:
+        """A frame we could not take: answer its request when we know its id, else say so in a notification."""
+        log.warning("client %d: %s", self.peer, exc)
+        if exc.msgid is not None:
+            self.reply(exc.msgid, error=exc)
+        else:
+            self.send(rpc.notification("error", exc.as_dict()))
+
     def reply(self, msgid: int, result: Any = None, error: DlmError | None = None) -> None:
         self.send(rpc.response(msgid, error.as_dict() if error else None, result))
 
@@ -423,11 +431,7 @@ class WorkerServer:
                 try:
                     body = await rpc.read_frame(reader, self.max_frame_bytes)
                 except rpc.FrameTooLarge as exc:
-                    log.warning("client %d: %s", link.peer, exc)
-                    if exc.msgid is not None:
-                        link.reply(exc.msgid, error=exc)
-                    else:
-                        link.send(rpc.notification("error", exc.as_dict()))
+                    link.report(exc)
                     if exc.size > rpc.DISCARD_LIMIT:
                         break
                     continue
@@ -439,11 +443,7 @@ class WorkerServer:
                 try:
                     msg = rpc.decode(body)
                 except rpc.ProtocolError as exc:
-                    log.warning("client %d: %s", link.peer, exc)
-                    if exc.msgid is not None:
-                        link.reply(exc.msgid, error=exc)
-                    else:
-                        link.send(rpc.notification("error", exc.as_dict()))
+                    link.report(exc)
                     continue
                 if msg.kind == rpc.REQUEST:
                     self._dispatch(link, msg)
