@@ -269,7 +269,7 @@ def _run_cfg(corpus_dir, out, **kw):
 
 
 def _losses(out):
-    return {r["step"]: r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "final" not in r}
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "final" not in r and "event" not in r}
 
 
 def test_resume_gives_the_same_next_step_loss(tokenizer, corpus_dir, tmp_path):

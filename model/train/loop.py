@@ -26,6 +26,8 @@ import dataclasses
 import json
 import math
 import os
+import platform
+import shlex
 import random
 import shutil
 import sys
@@ -178,6 +180,12 @@ def save_state(model: DiffusionLM, opt: torch.optim.Optimizer, step: int, total:
 # ------------------------------------------------------------------------------------------------ run
 
 
+def _hardware(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+
+
 def _log(out: Path, record: dict) -> None:
     with open(out / "log.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -261,8 +269,11 @@ def train(cfg: TrainConfig, tokenizer=None, progress: bool = True) -> dict:
         bar = tqdm(total=total if cfg.steps else None, initial=step, dynamic_ncols=True,
                    mininterval=1.0 if sys.stderr.isatty() else 30.0)
     record: dict = {}
-    print(json.dumps({"event": "start", "step": step, "params": sum(p.numel() for p in model.parameters()),
-                      "device": str(dev), "config": dataclasses.asdict(cfg)}), flush=True)
+    start = {"event": "start", "step": step, "params": sum(p.numel() for p in model.parameters()),
+             "device": str(dev), "command": "dlm-ls train " + shlex.join(sys.argv[1:]),
+             "hardware": _hardware(dev), "config": dataclasses.asdict(cfg)}
+    print(json.dumps(start), flush=True)
+    _log(out, start)  # the data card reads the run's origin from here
     while True:
         now = time.monotonic()
         if (cfg.steps and step >= total) or now >= deadline:

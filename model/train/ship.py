@@ -28,17 +28,21 @@ MAX_TOTAL_BYTES = 60 * 1024 * 1024
 
 
 def read_log(run: Path) -> tuple[dict, list[dict]]:
-    """The run's start event (its configuration and command) and its step records."""
+    """The run's first start event (its configuration and command) and its step records.
+
+    Runs before the start event went to log.jsonl printed it only on stdout (stdout.log).
+    """
     start, steps = {}, []
-    log = run / "log.jsonl"
-    if log.exists():
-        for line in log.read_text().splitlines():
-            rec = json.loads(line)
-            if rec.get("event") == "start":
-                start = rec  # a resumed run logs a new start; the first one holds the origin
-                start.setdefault("_starts", 0)
-            elif "step" in rec:
-                steps.append(rec)
+    sources = [run / "log.jsonl", run / "stdout.log"]
+    for path in sources:
+        if not path.exists():
+            continue
+        for line in path.read_text(errors="replace").splitlines():
+            at = line.find('{"event": "start"')
+            if at >= 0 and not start:
+                start = json.loads(line[at:])
+            elif path.name == "log.jsonl" and line.startswith("{") and '"event"' not in line:
+                steps.append(json.loads(line))
     return start, steps
 
 
@@ -54,8 +58,11 @@ def _fmt_eval(ev: dict) -> str:
     return "\n".join(rows)
 
 
-def data_card(run: Path, checkpoint: Path, manifest: dict, ev: dict | None, extra_note: str) -> str:
+def data_card(run: Path, checkpoint: Path, manifest: dict, ev: dict | None, extra_note: str,
+              train_command: str | None = None) -> str:
     start, steps = read_log(run)
+    if train_command:
+        start["command"] = train_command
     cfg = start.get("config", {})
     last = steps[-1] if steps else {}
     val = [s for s in steps if "val_loss" in s]
@@ -117,7 +124,7 @@ def data_card(run: Path, checkpoint: Path, manifest: dict, ev: dict | None, extr
 
 
 def ship(run: Path, out: Path, eval_json: Path | None, manifest_path: Path, note: str,
-         sampler: SamplerConfig | None) -> list[Path]:
+         sampler: SamplerConfig | None, train_command: str | None = None) -> list[Path]:
     checkpoint = run / "latest" if (run / "latest" / "config.json").exists() else run
     model = load_model(checkpoint, "cpu", "fp32")
     tmp = out.with_name(out.name + ".tmp")
@@ -128,7 +135,7 @@ def ship(run: Path, out: Path, eval_json: Path | None, manifest_path: Path, note
     if manifest:
         (tmp / "data_manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     ev = json.loads(eval_json.read_text()) if eval_json and eval_json.exists() else None
-    (tmp / "DATA_CARD.md").write_text(data_card(run, checkpoint, manifest, ev, note))
+    (tmp / "DATA_CARD.md").write_text(data_card(run, checkpoint, manifest, ev, note, train_command))
     weights = sum(p.stat().st_size for p in tmp.glob("model*.safetensors"))
     if weights > MAX_TOTAL_BYTES:
         raise SystemExit(f"weights are {weights / 2**20:.1f} MB; the repository's budget is 60 MB")
@@ -145,9 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--manifest", type=Path, default=Path("data/corpus/manifest.json"))
     p.add_argument("--note", default="", help="a paragraph for the data card (e.g. 'trained on a CPU; a GPU run replaces it')")
     p.add_argument("--sampler", type=Path, default=None, help="sampler.json with tuned defaults")
+    p.add_argument("--train-command", default=None,
+                   help="the exact training command, for runs whose log predates recording it")
     args = p.parse_args(argv)
     sampler = SamplerConfig.from_dict(json.loads(args.sampler.read_text())) if args.sampler else None
-    for path in ship(args.run, args.out, args.eval, args.manifest, args.note, sampler):
+    for path in ship(args.run, args.out, args.eval, args.manifest, args.note, sampler, args.train_command):
         print(f"{path}  {path.stat().st_size / 2**20:.2f} MB")
     print(f"shipped {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", file=sys.stderr)
     return 0
