@@ -33,7 +33,7 @@ from safetensors import safe_open
 
 from . import tokens
 from .config import ModelConfig
-from .load import CheckpointError
+from .load import CheckpointError, assign_weights
 from .network import DiffusionLM
 
 # RoPE tables are built for max_position positions on each device. Dream's configs say 131072,
@@ -238,13 +238,5 @@ def load_foreign(folder: str | os.PathLike, cfg: ModelConfig, device: torch.devi
                     raise CheckpointError(f"{folder}: {name} has shape {tuple(t.shape)}, config.json implies "
                                           f"{tuple(expected[ours].shape)} for {ours}")
                 state[ours] = t.to(dtype)
-    if cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    missing = set(expected) - set(state) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
-    if missing or unexpected:
-        raise CheckpointError(f"{folder}: weights do not match its config.json (missing {sorted(missing)[:3]}, "
-                              f"unexpected {sorted(unexpected)[:3]})")
-    model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    assign_weights(model, state, folder, unexpected)
     return model.to(device=device, dtype=dtype).eval()

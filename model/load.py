@@ -144,17 +144,23 @@ def load_model(folder: str | os.PathLike | None = None, device: str | torch.devi
     with torch.device("meta"):
         model = DiffusionLM(cfg)
     state = read_weights(folder)
-    if cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    missing = set(model.state_dict()) - set(state) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
     unexpected = set(state) - set(model.state_dict())
+    assign_weights(model, state, folder, unexpected)
+    return model.to(device=dev, dtype=resolve_dtype(dtype, dev)).eval()
+
+
+def assign_weights(model: DiffusionLM, state: dict[str, torch.Tensor], folder, unexpected) -> None:
+    """Put `state` (our names) into a meta-device `model`, or say which tensors are missing or extra."""
+    tied = model.config.tie_embeddings
+    if tied:
+        state.pop("lm_head.weight", None)
+    missing = set(model.state_dict()) - set(state) - ({"lm_head.weight"} if tied else set())
     if missing or unexpected:
         raise CheckpointError(f"{folder}: weights do not match config.json (missing {sorted(missing)[:3]}, "
                               f"unexpected {sorted(unexpected)[:3]})")
     model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_embeddings:
+    if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
-    return model.to(device=dev, dtype=resolve_dtype(dtype, dev)).eval()
 
 
 def load_tokenizer(folder: str | os.PathLike | None = None):
