@@ -21,7 +21,6 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .. import kernels  # noqa: F401  (kernels/__init__ documents the dispatch)
 from ..kernels import select_commit as select_commit_module
 from . import layout
 from . import tokens as T
@@ -246,12 +245,13 @@ class Engine:
             L = max(job.context_length for job, _ in live)
             ctx_valid = torch.zeros(B, L, dtype=torch.bool, device=dev)
             ctx = []
+            views = [job.entry.segments(job.context_length) for job, _ in live]  # per row, per layer
             for layer in range(n_layers):
-                k0, v0 = live[0][0].entry.keys[layer], live[0][0].entry.values[layer]
+                k0, v0 = views[0][layer]
                 ks = k0.new_zeros((B, k0.shape[1], L, k0.shape[3]))
                 vs = v0.new_zeros((B, v0.shape[1], L, v0.shape[3]))
                 for b, (job, _) in enumerate(live):
-                    k, v = job.entry.segments(job.context_length)[layer]
+                    k, v = views[b][layer]
                     ks[b, :, : job.context_length], vs[b, :, : job.context_length] = k[0], v[0]
                 ctx.append((ks, vs))
             for b, (job, _) in enumerate(live):

@@ -224,9 +224,7 @@ class Infiller:
 
     def warm(self, cache_key: str, segments: list[str]) -> None:
         """Compute a context's cache ahead of the request that will need it (document opened, cursor settled)."""
-        t0 = time.perf_counter()
         self.engine.prefill(cache_key, self.context_for(segments))
-        self.last_warm_ms = (time.perf_counter() - t0) * 1000.0
 
     def cache_stats(self) -> dict:
         return self.engine.cache.summary()

@@ -25,7 +25,7 @@ def random_context(n_prefix: int = 40, n_suffix: int = 25, seed: int = 1) -> lis
 
 @torch.inference_mode()
 def test_cached_and_uncached_canvas_logits_agree():
-    model, engine = tiny_model(), None
+    model = tiny_model()
     engine = Engine(model)
     ctx = random_context()
     canvas = [T.MASK_ID, 77, T.MASK_ID, T.MASK_ID, 91, T.MASK_ID]
