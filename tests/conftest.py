@@ -46,18 +46,24 @@ local t = { a = 1, b = 2 }  -- lua
 '''
 
 
-def build_tiny_tokenizer(path: Path, vocab_size: int = 512) -> Path:
+def train_tiny_bpe(texts: list[str], vocab_size: int = 512):
+    """A byte-level BPE with the layout's special tokens at their fixed ids, trained on `texts`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from dlm_ls.model.tokens import SPECIAL_TOKENS
+    from dlm_ls.model.tokens import NUM_SPECIAL, SPECIAL_TOKENS
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([FIXTURE_TEXT] * 20, trainer=trainer)
-    tok.save(str(path))
+    tok.train_from_iterator(texts, trainer=trainer)
+    assert [tok.token_to_id(s) for s in SPECIAL_TOKENS] == list(range(NUM_SPECIAL))
+    return tok
+
+
+def build_tiny_tokenizer(path: Path, vocab_size: int = 512) -> Path:
+    train_tiny_bpe([FIXTURE_TEXT] * 20, vocab_size).save(str(path))
     return path
 
 

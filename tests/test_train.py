@@ -19,6 +19,8 @@ from dlm_ls.model.network import DiffusionLM
 from dlm_ls.model.train import examples as E
 from dlm_ls.model.train import loop
 
+from conftest import train_tiny_bpe
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     # Tiny tensors: one thread is fastest, and spinning OpenMP workers crawl on a shared, busy CPU.
@@ -49,16 +51,7 @@ def _sources() -> list[str]:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(T.SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_sources(), trainer)
-    assert [tok.token_to_id(s) for s in T.SPECIAL_TOKENS] == list(range(T.NUM_SPECIAL))
-    return tok
+    return train_tiny_bpe(_sources(), vocab_size=400)
 
 
 @pytest.fixture(scope="module")

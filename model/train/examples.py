@@ -96,8 +96,9 @@ class Source:
 
     _parser = None
 
-    def __init__(self, text: str):
+    def __init__(self, text: str, index: int | None = None):
         self.text = text
+        self.index = index  # the file's position in its corpus split, for Neighbours; None outside a corpus
         self._data: bytes | None = None
         self._tree = None
 
@@ -225,7 +226,7 @@ def _draw_budget(rng: random.Random, cfg: ExampleConfig, room: int) -> int:
 
 
 def single_hole_example(src: Source, span: tuple[int, int], tokenizer, rng: random.Random,
-                        cfg: ExampleConfig, kind: str, max_len: int) -> Example | None:
+                        cfg: ExampleConfig, kind: str, max_len: int, neighbours=None) -> Example | None:
     text = src.text
     s, e = span
     m = _encode(tokenizer, text[s:e])
@@ -243,9 +244,14 @@ def single_hole_example(src: Source, span: tuple[int, int], tokenizer, rng: rand
     if room < 8:
         return None
     budget = _draw_budget(rng, cfg, room)
+    preamble = _preamble(src, s, e, tokenizer, rng, neighbours, budget, room)
+    budget = max(budget, min(room, 2 * len(preamble)))  # a preamble never leaves the prefix with nothing
     prefix_text, suffix_text = _window(text, s, e, cfg.window_chars_per_token * budget + 256)
-    prefix, suffix = layout.truncate_context(_encode(tokenizer, prefix_text), _encode(tokenizer, suffix_text), budget)
-    context = layout.single_hole_context(prefix, suffix) + committed
+    prefix, suffix = layout.truncate_context(_encode(tokenizer, prefix_text), _encode(tokenizer, suffix_text),
+                                             budget - len(preamble))
+    if preamble and prefix_text and len(prefix) < len(_encode(tokenizer, prefix_text)):
+        prefix = _from_line_start(prefix, tokenizer)  # the server puts whole lines after its preamble
+    context = layout.single_hole_context(preamble + prefix, suffix) + committed
     t = rng.uniform(cfg.mask_eps, 1.0)
     masked = _draw_mask(c, t, rng)
     canvas = [T.MASK_ID if mk else tok for tok, mk in zip(truth, masked)]
@@ -253,6 +259,25 @@ def single_hole_example(src: Source, span: tuple[int, int], tokenizer, rng: rand
     return Example(tokens=context + canvas, targets=[-1] * n + truth, masked=[False] * n + masked,
                    is_canvas=[False] * n + [True] * c, t=t, kind=kind, canvas_lengths=[c],
                    committed=len(committed), holes=[span])
+
+
+def _from_line_start(ids: list[int], tokenizer) -> list[int]:
+    """The tokens of the text after the first newline (a merged newline+indent token must not be split)."""
+    text = tokenizer.decode(ids)
+    cut = text.find("\n")
+    return _encode(tokenizer, text[cut + 1:]) if cut >= 0 else ids
+
+
+def _preamble(src: Source, s: int, e: int, tokenizer, rng: random.Random, neighbours, budget: int,
+              room: int) -> list[int]:
+    """Tokens of cross-file chunks to put before the prefix, as the server does; [] for none (see neighbours.py)."""
+    if neighbours is None or src.index is None:
+        return []
+    line_start = src.text.rfind("\n", 0, s) + 1
+    line_end = src.text.find("\n", e)
+    text = neighbours.preamble(src.index, src.text[line_start: len(src.text) if line_end < 0 else line_end], rng)
+    tokens = _encode(tokenizer, text)
+    return tokens if len(tokens) <= neighbours.cfg.max_share * room else []
 
 
 def multi_hole_example(src: Source, tokenizer, rng: random.Random, cfg: ExampleConfig,
@@ -311,7 +336,7 @@ def multi_hole_example(src: Source, tokenizer, rng: random.Random, cfg: ExampleC
 
 
 def make_example(text: str | Source, tokenizer, rng: random.Random, cfg: ExampleConfig,
-                 max_len: int | None = None, kind: str | None = None) -> Example | None:
+                 max_len: int | None = None, kind: str | None = None, neighbours=None) -> Example | None:
     """One example from one file, at most max_len tokens; None when the draw does not fit the file."""
     src = text if isinstance(text, Source) else Source(text)
     if not src.text.strip() or any(tok in src.text for tok in (T.MID, T.PRE, T.SUF, T.PAD, T.MASK, T.ENDOFTEXT)):
@@ -324,7 +349,7 @@ def make_example(text: str | Source, tokenizer, rng: random.Random, cfg: Example
     span = SPANS[kind](src, rng, cfg)
     if span is None or span[1] <= span[0]:
         return None
-    return single_hole_example(src, span, tokenizer, rng, cfg, kind, max_len)
+    return single_hole_example(src, span, tokenizer, rng, cfg, kind, max_len, neighbours)
 
 
 # -------------------------------------------------------------------------------------------- packing
@@ -408,16 +433,20 @@ class Corpus:
     def __len__(self) -> int:
         return len(self.offsets)
 
-    def text(self, i: int) -> str:
+    def record(self, i: int) -> dict:
         self._f.seek(self.offsets[i])
-        return json.loads(self._f.readline())["text"]
+        return json.loads(self._f.readline())
+
+    def text(self, i: int) -> str:
+        return self.record(i)["text"]
 
 
 class Batches:
     """The batch of step s, a pure function of (seed, step): resuming at step s replays the same data."""
 
-    def __init__(self, corpus: Corpus, tokenizer, cfg: ExampleConfig, seed: int = 0):
+    def __init__(self, corpus: Corpus, tokenizer, cfg: ExampleConfig, seed: int = 0, neighbours=None):
         self.corpus, self.tokenizer, self.cfg, self.seed = corpus, tokenizer, cfg, seed
+        self.neighbours = neighbours  # a Neighbours over the same corpus: cross-file preambles
         self._perm: tuple[int, list[int]] | None = None
 
     def _file(self, j: int) -> int:
@@ -432,16 +461,17 @@ class Batches:
     def examples_for(self, step: int) -> tuple[random.Random, list[Source]]:
         cfg = self.cfg
         nf = cfg.files_per_step or 2 * cfg.batch_size
-        files = [Source(self.corpus.text(self._file(step * nf + j))) for j in range(nf)]
+        idx = [self._file(step * nf + j) for j in range(nf)]
+        files = [Source(self.corpus.text(i), index=i) for i in idx]
         return random.Random(f"{self.seed}:step:{step}"), files
 
     def batch(self, step: int) -> dict[str, Tensor]:
         rng, files = self.examples_for(step)
-        return build_batch(files, self.tokenizer, rng, self.cfg)
+        return build_batch(files, self.tokenizer, rng, self.cfg, neighbours=self.neighbours)
 
 
 def build_batch(files: list[Source | str], tokenizer, rng: random.Random, cfg: ExampleConfig,
-                keep: list[Example] | None = None) -> dict[str, Tensor]:
+                keep: list[Example] | None = None, neighbours=None) -> dict[str, Tensor]:
     """Fill batch_size rows with examples drawn round-robin from `files`.
 
     An example that does not fit the rest of its row starts a new row; a row left with more than
@@ -456,7 +486,7 @@ def build_batch(files: list[Source | str], tokenizer, rng: random.Random, cfg: E
             raise ValueError("no file in this step yields an example: is the corpus all tiny files?")
         src = files[j % len(files)]
         j += 1
-        ex = make_example(src, tokenizer, rng, cfg)
+        ex = make_example(src, tokenizer, rng, cfg, neighbours=neighbours)
         if ex is None:
             misses += 1
             continue
@@ -465,7 +495,7 @@ def build_batch(files: list[Source | str], tokenizer, rng: random.Random, cfg: E
         free = cfg.seq_len - len(row.tokens)
         if len(ex) > free and free > cfg.filler_frac * cfg.seq_len:
             for _ in range(4):  # top up the row: the same kind of draw, capped to the room left
-                filler = make_example(src, tokenizer, rng, cfg, max_len=free)
+                filler = make_example(src, tokenizer, rng, cfg, max_len=free, neighbours=neighbours)
                 if filler is not None:
                     row.add(filler, eid, rng, cfg)
                     eid += 1

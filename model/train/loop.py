@@ -44,6 +44,7 @@ from .. import load
 from ..config import ModelConfig
 from ..network import DiffusionLM
 from .examples import Batches, Corpus, ExampleConfig
+from .neighbours import NeighbourConfig, Neighbours
 
 
 @dataclass
@@ -70,6 +71,9 @@ class TrainConfig:
     loss: str = "mean"
     ctx_loss_weight: float = 0.25  # next-token loss on context positions: almost free (the context is causal)
     ctx_fraction: float = 0.25  # share of context positions scored: each costs a vocab-wide output row
+    # Share of single-hole examples that try for a cross-file preamble (chunks of other files of the
+    # package, formatted as the server's extra context; train/neighbours.py). 0 turns it off.
+    neighbour_prob: float = 0.4
     seed: int = 0
     eval_every: int = 100
     eval_batches: int = 8
@@ -203,6 +207,12 @@ def evaluate(model: DiffusionLM, batches: list[dict[str, Tensor]], cfg: TrainCon
     return {f"val_{k}": v / len(batches) for k, v in sums.items()}
 
 
+def _batches(path: Path, tokenizer, ecfg: ExampleConfig, seed: int, neighbour_prob: float) -> Batches:
+    corpus = Corpus(path)
+    neighbours = Neighbours(corpus, NeighbourConfig(prob=neighbour_prob)) if neighbour_prob > 0 else None
+    return Batches(corpus, tokenizer, ecfg, seed=seed, neighbours=neighbours)
+
+
 def train(cfg: TrainConfig, tokenizer=None, progress: bool = True) -> dict:
     """Run (or continue) a training run; returns the last logged record."""
     if not cfg.steps and not cfg.max_minutes:
@@ -252,8 +262,8 @@ def train(cfg: TrainConfig, tokenizer=None, progress: bool = True) -> dict:
 
     ecfg = cfg.example_config()
     corpus = Path(cfg.corpus)
-    train_batches = Batches(Corpus(corpus / "train.jsonl"), tokenizer, ecfg, seed=cfg.seed)
-    val_source = Batches(Corpus(corpus / "validation.jsonl"), tokenizer, ecfg, seed=cfg.eval_seed)
+    train_batches = _batches(corpus / "train.jsonl", tokenizer, ecfg, cfg.seed, cfg.neighbour_prob)
+    val_source = _batches(corpus / "validation.jsonl", tokenizer, ecfg, cfg.eval_seed, cfg.neighbour_prob)
     val = [val_source.batch(i) for i in range(cfg.eval_batches)] if cfg.eval_batches else []
 
     t_start = time.monotonic()
