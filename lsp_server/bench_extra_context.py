@@ -17,6 +17,9 @@ extra_context_preamble, choose_completion): without other documents, and with th
 `extra_context_chars` default budget). Exact match compares the cleaned suggestion with the
 expected rest of the line; similarity is difflib's ratio, to see movement a weak model's exact
 matches hide. `chunk found` is how often the preamble contains the target's definition (ranking).
+`nll/token` is the expected text's negative log-likelihood under the model (Infiller.score_middle,
+the `ar` factorization, PAD end included), per token: it moves long before exact match does, and
+`nll_lower_with_chunks` is the paired share of tasks where the chunks made the expected text likelier.
 
     python -m dlm_ls.lsp_server.bench_extra_context --model runs/cpu-small/latest [--tasks 48]
 
@@ -122,7 +125,9 @@ def run_task(inf, task: Task, settings: Settings, with_chunks: bool) -> dict:
     plan = plan_completion(doc, task.offset, settings, preamble, max_chars)
     if plan is None:
         return {"task": task.name, "kind": task.kind, "suggestion": None, "exact": False, "similarity": 0.0,
-                "ms": 0.0, "nfe": 0, "preamble_chars": len(preamble), "chunk_found": False}
+                "ms": 0.0, "nfe": 0, "preamble_chars": len(preamble), "chunk_found": False, "nll": None,
+                "nll_tokens": 0}
+    score = inf.score_middle(plan.segments(), task.expected)
     t0 = time.perf_counter()
     result = inf.complete(plan.segments(), mode=plan.mode, **plan.overrides).to_dict()
     ms = (time.perf_counter() - t0) * 1000
@@ -131,11 +136,14 @@ def run_task(inf, task: Task, settings: Settings, with_chunks: bool) -> dict:
     return {"task": task.name, "kind": task.kind, "suggestion": line, "expected": task.expected,
             "exact": line.strip() == task.expected, "similarity": round(similarity(line.strip(), task.expected), 4),
             "ms": round(ms, 2), "nfe": result["nfe"], "preamble_chars": len(preamble),
-            "chunk_found": task.target_def in preamble}
+            "chunk_found": task.target_def in preamble, "nll": round(score["nll"], 4), "nll_tokens": score["tokens"]}
 
 
 def summarize(rows: list[dict]) -> dict:
+    scored = [r for r in rows if r["nll"] is not None]
     return {"tasks": len(rows), "exact_match": sum(r["exact"] for r in rows) / max(1, len(rows)),
+            "nll_per_token": sum(r["nll"] for r in scored) / max(1, sum(r["nll_tokens"] for r in scored)),
+            "nll_mean": statistics.fmean(r["nll"] for r in scored) if scored else 0.0,
             "similarity": statistics.fmean(r["similarity"] for r in rows) if rows else 0.0,
             "chunk_found": sum(r["chunk_found"] for r in rows) / max(1, len(rows)),
             "ms_mean": statistics.fmean(r["ms"] for r in rows) if rows else 0.0,
@@ -167,21 +175,28 @@ def main(argv: list[str] | None = None) -> int:
     tasks = build_tasks(args.tasks, args.seed)
     runs = {label: [run_task(inf, t, settings, label == "with") for t in tasks] for label in ("without", "with")}
 
+    pairs = [(a["nll"], b["nll"]) for a, b in zip(runs["without"], runs["with"]) if a["nll"] is not None
+             and b["nll"] is not None]
     result = header("extra_context", argv, str(inf.engine.device))
     result.update(model=model_label(model_dir), tasks=len(tasks), seed=args.seed,
                   extra_context_chars=settings.extra_context_chars,
                   summary={label: summarize(rows) for label, rows in runs.items()},
                   by_kind={label: {k: summarize([r for r in rows if r["kind"] == k]) for k in KINDS}
                            for label, rows in runs.items()},
+                  # paired: the share of tasks whose expected text became more likely with the chunks
+                  nll_lower_with_chunks=sum(b < a for a, b in pairs) / max(1, len(pairs)),
                   rows=runs)
-    head = ["chunks", "kind", "tasks", "exact match", "similarity", "chunk found", "ms mean", "preamble chars"]
+    head = ["chunks", "kind", "tasks", "exact match", "similarity", "nll/token", "chunk found", "ms mean",
+            "preamble chars"]
     lines = []
     for label in ("without", "with"):
         for kind, s in [("all", result["summary"][label]), *result["by_kind"][label].items()]:
-            lines.append([label, kind, s["tasks"], s["exact_match"], s["similarity"], s["chunk_found"], s["ms_mean"],
-                          s["preamble_chars_mean"]])
+            lines.append([label, kind, s["tasks"], s["exact_match"], s["similarity"], s["nll_per_token"],
+                          s["chunk_found"], s["ms_mean"], s["preamble_chars_mean"]])
     print(f"extra context on {len(tasks)} call tasks, model {result['model']}, device {inf.engine.device}")
     print(table(lines, head))
+    print(f"expected text more likely with the chunks in {result['nll_lower_with_chunks']:.0%} of "
+          f"{len(pairs)} tasks (nll: the `ar` log-likelihood of the expected rest of the line, nats)")
     print(f"wrote {write_result(result, args.out)}")
     return 0
 

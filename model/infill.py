@@ -12,6 +12,8 @@ Knows text and token ids; knows nothing of LSP, documents or editors.
 from __future__ import annotations
 
 import time
+
+import torch
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -221,6 +223,37 @@ class Infiller:
             if on_step is not None:
                 on_step(job)
         return job.result()
+
+    def score_middle(self, segments: list[str], middle: str) -> dict:
+        """The log-likelihood of `middle` in the one hole, as the `ar` strategy factors it: each token a
+        one-slot canvas after the tokens before it, then the PAD that ends the middle. An exact
+        likelihood (not a bound), with the engine's banned ids excluded as when sampling.
+
+        One forward pass: the context, the middle as committed tokens, and one MASK slot per target
+        that sees only the context, the middle before it, and itself.
+        """
+        if self.model.config.layout != "dlm" or len(segments) != 2:
+            raise InfillError("scoring takes one hole and a model in dlm-ls's own layout")
+        context = self.context_for(segments)
+        target = self.encode(middle) + [T.PAD_ID]
+        n_ctx, n = len(context), len(target)
+        committed = n_ctx + n - 1  # context + every middle token but the last target (PAD)
+        tokens = torch.tensor(context + target[:-1] + [T.MASK_ID] * n)
+        positions = torch.cat([torch.arange(committed), n_ctx + torch.arange(n)])
+        width = committed + n
+        mask = torch.ones(width, width, dtype=torch.bool).tril()
+        mask[committed:, n_ctx:] = False
+        for i in range(n):  # slot i: the context, the first i middle tokens, itself
+            mask[committed + i, n_ctx: n_ctx + i] = True
+            mask[committed + i, committed + i] = True
+        dev = self.engine.device
+        with torch.inference_mode():
+            logits, _ = self.model(tokens[None].to(dev), positions[None].to(dev), mask[None, None].to(dev), None,
+                                   logits_from=committed)
+            logits = logits[0].float()
+            logits.index_fill_(-1, self.engine.banned_ids, float("-inf"))
+            logp = torch.log_softmax(logits, -1)[torch.arange(n), torch.tensor(target, device=dev)]
+        return {"tokens": n, "nll": float(-logp.sum()), "token_nll": [round(float(-x), 4) for x in logp]}
 
     def warm(self, cache_key: str, segments: list[str]) -> None:
         """Compute a context's cache ahead of the request that will need it (document opened, cursor settled)."""

@@ -128,3 +128,19 @@ def test_query_window_is_lines_around_the_cursor():
     assert _lines_around(text, text.index("l5"), 2, 1) == "l3\nl4\nl5\nl6"
     assert _lines_around(text, 0, 2, 1) == "l0\nl1"
     assert _lines_around(text, len(text), 2, 1) == "l7\nl8\nl9"
+
+
+def test_extra_context_benchmark_runs_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from dlm_ls.lsp_server import bench_extra_context as B
+
+    assert B.main(["--model", str(tiny_model_dir), "--tasks", "3", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "extra_context-cpu.json").read_text())
+    for label in ("without", "with"):
+        s = result["summary"][label]
+        assert s["tasks"] == 3 and s["nll_per_token"] > 0
+        assert all(r["nll_tokens"] > 0 and r["nll"] > 0 for r in result["rows"][label])
+    assert result["summary"]["with"]["chunk_found"] == 1.0 and result["summary"]["without"]["chunk_found"] == 0.0
+    assert 0.0 <= result["nll_lower_with_chunks"] <= 1.0
+    assert "more likely with the chunks" in capsys.readouterr().out
