@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs = [(a["nll"], b["nll"]) for a, b in zip(runs["without"], runs["with"]) if a["nll"] is not None
              and b["nll"] is not None]
     result = header("extra_context", argv, str(inf.engine.device))
+    result["command"] = " ".join(["python -m dlm_ls.lsp_server.bench_extra_context", *(argv or sys.argv[1:])])
     result.update(model=model_label(model_dir), tasks=len(tasks), seed=args.seed,
                   extra_context_chars=settings.extra_context_chars,
                   summary={label: summarize(rows) for label, rows in runs.items()},

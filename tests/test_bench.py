@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from dlm_ls.model.bench import cli, common, execution, latency, quality, ratio, report, step
 from dlm_ls.model.train.evaluate import Config
@@ -272,3 +273,36 @@ def test_latency_through_the_real_server(tiny_model_dir, tmp_path, monkeypatch):
     assert res["worker_rss"]["rss_bytes"] and res["server_rss"]["rss_bytes"]
     assert 0.0 <= res["context_cache_hit_rate"] <= 1.0
     assert "p50 ms" in latency.format_latency(res)
+
+
+def test_step_floor_arithmetic():
+    from dlm_ls.model.bench.ceilings import step_floor
+    from dlm_ls.model.config import ModelConfig
+
+    cfg = ModelConfig.preset("tiny")
+    ceil = {"bandwidth_gbs": 1.0, "matmul_tflops": 1e-3}  # 1 GB/s, 1 GFLOP/s: easy sums
+    one = step_floor(cfg, context=100, new_tokens=1, ceilings=ceil, dtype_bytes=2)
+    wide = step_floor(cfg, context=100, new_tokens=32, ceilings=ceil, dtype_bytes=2)
+    weights = cfg.num_parameters() - cfg.vocab_size * cfg.dim  # tied: the head is the embedding, read once
+    kv = cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * 101 * 2
+    assert one.memory_ms == pytest.approx((weights * 2 + cfg.vocab_size * cfg.dim * 2 + cfg.dim * 2 + kv) / 1e6)
+    assert wide.compute_ms > 30 * one.compute_ms  # the matrix work grows with the canvas, the reads barely
+    assert wide.memory_ms < 1.1 * one.memory_ms
+    assert one.ms == max(one.memory_ms, one.compute_ms)
+
+
+def test_large_bench_runs_fixed_steps_and_reports_floors():
+    from dlm_ls.model.bench import ceilings
+    from dlm_ls.model.config import ModelConfig
+
+    cfg = ModelConfig.preset("tiny")
+    ceil = ceilings.measure_ceilings(torch.device("cpu"), copy_mib=4, matmul_n=64, reps=2)
+    assert ceil["bandwidth_gbs"] > 0 and ceil["matmul_tflops"] > 0
+    res = ceilings.measure_large(cfg, torch.device("cpu"), torch.float32, ceil, context=64, reps=1)
+    by = {(r["case"], r["strategy"]): r for r in res["rows"]}
+    assert by[("line", "parallel")]["nfe"] == by[("line", "parallel")]["expected_steps"] == 4
+    assert by[("64-token", "parallel")]["nfe"] == by[("64-token", "parallel")]["expected_steps"] == 8
+    assert by[("line", "ar")]["nfe"] == 16 and by[("64-token", "ar")]["nfe"] == 64
+    for r in res["rows"]:
+        assert r["floor_ms"] > 0 and r["x_floor"] == pytest.approx(r["latency_ms"] / r["floor_ms"])
+    assert by[("line", "parallel")]["speedup_vs_ar"] > 0

@@ -5,7 +5,11 @@
            ratios, and a commit-threshold sweep -> bench/results/quality_speed.png
   step     the engine's step latency against context length and canvas length
   latency  end to end through `dlm-ls serve` and its worker: typing replayed by a scripted client
-  all      all four; quality and ratio share one run over the tasks
+  ceilings the device's memory bandwidth and matrix rate, the floor of a refinement step they
+           imply, and the model's measured step at a 2k-token context against it
+  large    a 7B-class architecture with random weights (GPU-sized; --layers shrinks it for a CPU):
+           single-line and 64-token infill after a 2k context, parallel and ar, against the floor
+  all      quality, ratio, step, latency and ceilings; quality and ratio share one run over the tasks
 
 Each prints a table and writes bench/results/<benchmark>-<cpu|cuda>.json with the machine, the
 date, the command and the git commit. Sizes default to what fits `make bench` on the device
@@ -24,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from . import common
+from .ceilings import ARCHS
 from .common import BenchError
 
-BENCHMARKS = ("quality", "ratio", "step", "latency")
+BENCHMARKS = ("quality", "ratio", "step", "latency", "ceilings")
 # Sizes per device. CPU figures are sized for `make bench` in under 15 minutes on two cores.
 SIZES: dict[str, dict[str, Any]] = {
     "cpu": {"limit": 8, "exec_limit": 16, "thresholds": [0.5, 0.7, 0.9, 0.99], "max_steps_sweep": [],
@@ -53,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dlm-ls bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("benchmark", choices=[*BENCHMARKS, "all"])
+    p.add_argument("benchmark", choices=[*BENCHMARKS, "large", "all"])
     p.add_argument("--model", default=None, help="checkpoint folder (default: model/default)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: the GPU when there is one)")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
@@ -79,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lines", type=int, default=None, help="lines typed per context")
     g.add_argument("--startup-runs", type=int, default=None)
     g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("ceilings and large")
+    g.add_argument("--arch", default="7b", choices=sorted(ARCHS), help="the large architecture (default 7b)")
+    g.add_argument("--layers", type=int, default=None, help="large: keep only this many layers (a CPU smoke run)")
+    g.add_argument("--large-context", type=int, default=2048, help="large: context tokens before the hole")
     return p
 
 
@@ -238,6 +247,53 @@ def run_latency(s: Session) -> None:
     s.write({**s.header("latency"), **res})
 
 
+def run_ceilings(s: Session) -> dict[str, Any]:
+    import torch
+
+    from . import ceilings
+
+    dev = torch.device(s.device)
+    quick = s.args.quick
+    c = ceilings.measure_ceilings(dev, copy_mib=32 if quick else None, matmul_n=256 if quick else None,
+                                  reps=3 if quick else 10)
+    print(ceilings.format_ceilings(c))
+    context = 128 if quick else 2048
+    rows = ceilings.model_step_vs_floor(s.infiller, c, context, (1, 16, 32), reps=2 if quick else 10)
+    print(common.table([[r["context"], r["canvas"], r["step_ms"], r["floor_ms"], r["floor_memory_ms"],
+                         r["floor_compute_ms"], r["x_floor"]] for r in rows],
+                       ["context", "canvas", "step ms", "floor ms", "memory", "compute", "x floor"]))
+    s.write({**s.header("ceilings"), "ceilings": c, "model_step": rows})
+    return c
+
+
+def run_large(s: Session, c: dict[str, Any] | None) -> None:
+    import torch
+
+    from ..config import ModelConfig
+    from . import ceilings
+
+    dev = torch.device(s.device)
+    if c is None:
+        c = ceilings.measure_ceilings(dev, reps=5)
+        print(ceilings.format_ceilings(c))
+    arch = dict(ARCHS[s.args.arch])
+    if s.args.layers:
+        arch["n_layers"] = s.args.layers
+    cfg = ModelConfig(**arch)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(s.args.dtype or "", torch.bfloat16)
+    print(f"large: {s.args.arch} with {cfg.n_layers} layers, {cfg.num_parameters() / 1e9:.2f}B parameters, "
+          f"{dtype}, context {s.args.large_context}", file=sys.stderr)
+    res = ceilings.measure_large(cfg, dev, dtype, c, s.args.large_context, reps=2 if s.args.quick else 5)
+    print(f"prefill of {res['context']} tokens: {res['prefill_ms']:.1f} ms (floor {res['prefill_floor_ms']:.1f} ms)")
+    print(common.table([[r["case"], r["strategy"], r["tokens"], r["nfe"], r["latency_ms"], r["tokens_per_s"],
+                         r["floor_ms"], r["x_floor"], r.get("speedup_vs_ar")] for r in res["rows"]],
+                       ["case", "strategy", "tokens", "NFE", "latency ms", "tokens/s", "floor ms", "x floor",
+                        "x faster than ar"]))
+    h = common.header("large", s.argv, s.device)
+    h["model"] = {"path": f"random {s.args.arch}" + (f", {cfg.n_layers} layers" if s.args.layers else "")}
+    s.write({**h, "ceilings": c, **res})
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -254,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         run_step(s)
     if "latency" in want:
         run_latency(s)
+    c = run_ceilings(s) if "ceilings" in want else None
+    if args.benchmark == "large":
+        run_large(s, c)
     print(f"dlm-ls bench {args.benchmark}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return 0
 

@@ -23,7 +23,7 @@ from typing import Any
 from .common import REPO_ROOT, RESULTS_DIR
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-ORDER = ("quality", "ratio", "step", "latency")
+ORDER = ("quality", "ratio", "step", "latency", "ceilings", "large", "extra_context")
 
 
 def load_results(results_dir: Path) -> list[dict[str, Any]]:
@@ -61,6 +61,8 @@ def _md(rows: list[list[str]], head: list[str], align: str | None = None) -> str
 def provenance(d: dict) -> str:
     m, g = d["machine"], d.get("git") or {}
     model = d.get("model") or {}
+    if isinstance(model, str):  # extra_context names its model by path alone
+        model = {"path": model}
     params = model.get("parameters")
     where = m.get("gpu") if str(m.get("device", "")).startswith("cuda") else f"{m.get('cpu')} ({m.get('cpus')} CPUs)"
     commit = (g.get("commit") or "unknown")[:10] + (" (uncommitted changes)" if g.get("dirty") else "")
@@ -146,7 +148,39 @@ def latency_section(d: dict) -> str:
                       "; ".join(facts) + ".", "", provenance(d)])
 
 
-SECTIONS = {"quality": quality_section, "ratio": ratio_section, "step": step_section, "latency": latency_section}
+def ceilings_section(d: dict) -> str:
+    c = d["ceilings"]
+    rows = [[str(r["context"]), str(r["canvas"]), _ms(r["step_ms"]), _ms(r["floor_ms"]), _f(r["x_floor"], 1)]
+            for r in d["model_step"]]
+    dev = d["machine"].get("device")
+    threads = f", {c['threads']} thread(s)" if c.get("threads") else ""
+    return "\n".join([f"**Device ceilings** on {dev}{threads}: memory bandwidth {c['bandwidth_gbs']:.1f} GB/s, "
+                      f"matrix rate {c['matmul_tflops']:.3f} TFLOP/s ({c['matmul_dtype']}). The floor of a step is "
+                      "the weights and cached keys/values read once, or its matrix work, whichever is longer:", "",
+                      _md(rows, ["context tokens", "canvas", "step ms", "floor ms", "x floor"]), "", provenance(d)])
+
+
+def large_section(d: dict) -> str:
+    rows = [[r["case"], r["strategy"], str(r["nfe"]), _ms(r["latency_ms"]), _f(r["tokens_per_s"], 1),
+             _ms(r["floor_ms"]), _f(r["x_floor"], 1), _f(r.get("speedup_vs_ar"), 2)] for r in d["rows"]]
+    return "\n".join([f"**{d['model']['path']}** ({d['parameters'] / 1e9:.2f}B parameters, {d['dtype']}) after a "
+                      f"{d['context']}-token context (prefill {_ms(d['prefill_ms'])} ms), fixed step counts:", "",
+                      _md(rows, ["case", "strategy", "NFE", "latency ms", "tokens/s", "floor ms", "x floor",
+                                 "x faster than ar"]), "", provenance(d)])
+
+
+def extra_context_section(d: dict) -> str:
+    rows = [[label, _f(s["exact_match"]), _f(s["similarity"]), _f(s["nll_per_token"]), _f(s["chunk_found"], 2)]
+            for label, s in d["summary"].items() if "nll_per_token" in s]
+    return "\n".join([f"**Extra context** ({d['tasks']} call-completion tasks whose argument order is written only in "
+                      f"another open document; model {d['model']}): the expected text was likelier with the chunks in "
+                      f"{_f(d.get('nll_lower_with_chunks'), 2)} of the tasks.", "",
+                      _md(rows, ["chunks", "exact match", "similarity", "nll/token", "definition in chunks"]), "",
+                      provenance(d)])
+
+
+SECTIONS = {"quality": quality_section, "ratio": ratio_section, "step": step_section, "latency": latency_section,
+            "ceilings": ceilings_section, "large": large_section, "extra_context": extra_context_section}
 
 
 def render(results: list[dict]) -> str:
@@ -156,7 +190,7 @@ def render(results: list[dict]) -> str:
     for d in results:
         try:
             parts.append(SECTIONS[d["benchmark"]](d))
-        except (KeyError, TypeError) as exc:  # an old or partial file: say so, keep the others
+        except (KeyError, TypeError, AttributeError) as exc:  # an old or partial file: say so, keep the others
             parts.append(f"_{d['_file'].name}: unreadable ({type(exc).__name__}: {exc})_")
     return "\n\n".join(parts)
 
