@@ -129,12 +129,15 @@ def cmd_serve(rest: list[str], debug: bool) -> int:
     p.add_argument("--debounce-ms", type=int, metavar="MS", help="wait this long for the next keystroke (default 15)")
     p.add_argument("--max-context-chars", type=int, metavar="N", help="context each side of the cursor (default 16000)")
     p.add_argument("--stream-refinement", action="store_true", help="send dlm/refinement notifications per step")
+    p.add_argument("--captured-step", action="store_true",
+                   help="replay the refinement step as a CUDA graph at bucketed shapes (GPU)")
     p.add_argument("--log-file", metavar="PATH", help="also write the log here (it always goes to stderr)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     args = p.parse_args(rest)
     flags = {"model": args.model, "device": args.device, "dtype": args.dtype, "in_process": args.in_process or None,
              "idle_timeout_s": args.idle_timeout, "debounce_ms": args.debounce_ms,
              "max_context_chars": args.max_context_chars, "stream_refinement": args.stream_refinement or None,
+             "captured_step": args.captured_step or None,
              "log_file": args.log_file, "log_level": args.log_level or ("debug" if debug else None)}
     settings, problems = Settings().merged({k: v for k, v in flags.items() if v is not None})
     if problems:

@@ -25,6 +25,9 @@ class Settings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N; auto takes the GPU when torch sees one
     dtype: str | None = None  # fp32 | bf16 | fp16; None = bf16 on a GPU, fp32 on a CPU
     in_process: bool = False  # run the engine inside the server (tests, single-user setups); imports torch
+    # Replay the refinement step as a CUDA graph at bucketed shapes (model/captured.py). GPU only; a
+    # worker already running for the model and device keeps the setting it was started with.
+    captured_step: bool = False
     idle_timeout_s: float = 600.0  # a worker with no request for this long exits and frees its memory
     spawn_timeout_s: float = 180.0  # how long a new worker may take to import torch and load the model
     request_timeout_s: float = 60.0  # one completion, end to end; then a clear error, never a hang
@@ -127,7 +130,8 @@ _INTS = {"debounce_ms", "max_context_chars", "max_syntax_chars", "max_context_to
          "block_size", "max_tokens", "cache_entries", "warm_delay_ms", "extra_context_chars"}
 _ZERO_OK = {"debounce_ms", "cache_entries", "warm_delay_ms", "extra_context_chars"}  # 0 switches the feature off
 _FLOATS = {"idle_timeout_s", "spawn_timeout_s", "request_timeout_s", "threshold", "temperature"}
-_BOOLS = {"in_process", "stream_refinement", "speculative", "warm", "python_ellipsis_holes", "parse_filter"}
+_BOOLS = {"in_process", "stream_refinement", "speculative", "warm", "python_ellipsis_holes", "parse_filter",
+          "captured_step"}
 
 
 def _coerce(key: str, value: Any) -> Any:

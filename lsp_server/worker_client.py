@@ -318,6 +318,8 @@ class WorkerClient:
                "--max-jobs", str(s.max_jobs)]
         if s.dtype:
             cmd += ["--dtype", s.dtype]
+        if s.captured_step:
+            cmd += ["--captured-step"]
         if s.max_context_tokens:
             cmd += ["--max-context-tokens", str(s.max_context_tokens)]
         env = dict(os.environ)
@@ -396,7 +398,8 @@ class InProcessBackend:
         self.settings = settings
         self.model_dir = resolve_model_dir(settings.model)
         self.scheduler = Scheduler(str(self.model_dir), device=settings.device, dtype=settings.dtype,
-                                   max_jobs=settings.max_jobs, max_context_tokens=settings.max_context_tokens)
+                                   max_jobs=settings.max_jobs, max_context_tokens=settings.max_context_tokens,
+                                   captured_step=settings.captured_step)
         self.scheduler.start()
         self.owner = object()  # the scheduler's "connection" for every request of this server
 

@@ -112,8 +112,15 @@ class InfillJob:
 
 class Engine:
     def __init__(self, model: torch.nn.Module, cache_budget_bytes: int = DEFAULT_BUDGET_BYTES,
-                 max_context_tokens: int | None = None):
+                 max_context_tokens: int | None = None, captured_step: bool = False):
         self.model = model
+        # The step at bucketed fixed shapes, replayed as a CUDA graph on a GPU (model/captured.py);
+        # off by default until it has been timed and checked on a GPU.
+        self.captured = None
+        if captured_step:
+            from .captured import CapturedStep
+
+            self.captured = CapturedStep(model, pad_id=model.config.pad_id)
         self.config = model.config
         self.device = next(model.parameters()).device
         self.cache = ContextCacheStore(cache_budget_bytes)
@@ -200,7 +207,10 @@ class Engine:
             positions[b, : len(seq)] = torch.arange(base, base + len(seq))
         past, past_valid = self._batched_past(live, ext_len)
         mask = layout.step_mask(past_valid, torch.tensor(n_pending, device=dev), torch.tensor(n_canvas, device=dev), width)
-        logits, new_kv = self.model(tokens.to(dev), positions.to(dev), mask, past, logits_from=0)
+        if self.captured is not None:
+            logits, new_kv = self.captured(tokens, positions, mask, past)
+        else:
+            logits, new_kv = self.model(tokens.to(dev), positions.to(dev), mask, past, logits_from=0)
         if self.config.logits_shift:  # Dream-family: position i-1 predicts token i
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         logits.index_fill_(-1, self.banned_ids, float("-inf"))

@@ -127,7 +127,8 @@ class InfillTextJob:
 
 class Infiller:
     def __init__(self, model_dir: str | Path | None = None, device: str = "auto", dtype: str | None = None,
-                 max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS, cache_budget_bytes: int | None = None):
+                 max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS, cache_budget_bytes: int | None = None,
+                 captured_step: bool = False):
         self.model_dir = Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR
         if not (self.model_dir / "config.json").exists():
             raise InfillError(f"no model at {self.model_dir}: expected a checkpoint folder with config.json")
@@ -136,7 +137,7 @@ class Infiller:
         self._backend = self.tokenizer.backend_tokenizer
         self.defaults = load_sampler_config(self.model_dir)
         kwargs = {"cache_budget_bytes": cache_budget_bytes} if cache_budget_bytes else {}
-        self.engine = Engine(self.model, max_context_tokens=max_context_tokens, **kwargs)
+        self.engine = Engine(self.model, max_context_tokens=max_context_tokens, captured_step=captured_step, **kwargs)
         self.max_context_tokens = self.engine.max_context_tokens
         self.newline_ids = frozenset(i for i in range(len(self.tokenizer)) if "\n" in self._decode([i]))
 
@@ -268,4 +269,5 @@ class Infiller:
                 "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
                 "parameters": sum(p.numel() for p in self.model.parameters()), "vocab_size": cfg.vocab_size,
                 "layout": cfg.layout, "max_context_tokens": self.max_context_tokens,
-                "sampler": self.defaults.to_dict()}
+                "sampler": self.defaults.to_dict(),
+                "captured_step": self.engine.captured.stats() if self.engine.captured is not None else None}

@@ -86,7 +86,8 @@ class Scheduler:
     """The Infiller on one thread, stepping every live request in one batch per step."""
 
     def __init__(self, model_dir: str | None, device: str = "auto", dtype: str | None = None,
-                 max_jobs: int = 32, max_context_tokens: int | None = None, infiller: Any = None):
+                 max_jobs: int = 32, max_context_tokens: int | None = None, infiller: Any = None,
+                 captured_step: bool = False):
         self.max_jobs = max_jobs
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.live: list[Request] = []
@@ -97,16 +98,19 @@ class Scheduler:
         self.thread: threading.Thread | None = None
         self.loads = 0
         t0 = time.perf_counter()
-        self.inf = infiller if infiller is not None else self._load(model_dir, device, dtype, max_context_tokens)
+        self.inf = infiller if infiller is not None else self._load(model_dir, device, dtype, max_context_tokens,
+                                                                    captured_step)
         self.load_s = time.perf_counter() - t0
         self.info = dict(self.inf.info())
         log.info("model %s on %s (%s, %s parameters) loaded in %.1f s", self.info.get("model"),
                  self.info.get("device"), self.info.get("dtype"), self.info.get("parameters"), self.load_s)
 
-    def _load(self, model_dir, device, dtype, max_context_tokens):
+    def _load(self, model_dir, device, dtype, max_context_tokens, captured_step=False):
         from .infill import Infiller
 
         kwargs: dict[str, Any] = {"model_dir": model_dir, "device": device, "dtype": dtype}
+        if captured_step:
+            kwargs["captured_step"] = True
         if max_context_tokens and "max_context_tokens" in inspect.signature(Infiller).parameters:
             kwargs["max_context_tokens"] = max_context_tokens
         try:
@@ -516,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-jobs", type=int, default=32, help="concurrent requests (default 32)")
     p.add_argument("--max-frame-bytes", type=int, default=rpc.MAX_FRAME_BYTES, help=argparse.SUPPRESS)
     p.add_argument("--max-context-tokens", type=int, help="longest context the engine accepts")
+    p.add_argument("--captured-step", action="store_true",
+                   help="replay the refinement step as a CUDA graph at bucketed shapes (GPU)")
     p.add_argument("--debug", action="store_true", help="log every request")
     args = p.parse_args(argv)
 
@@ -536,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     if _probe(sock):  # before loading anything: a second worker on one socket is a mistake, say so fast
         raise DlmError("worker_unavailable", f"a worker already serves {sock}")
     scheduler = Scheduler(str(model_dir), device=args.device, dtype=args.dtype, max_jobs=args.max_jobs,
-                          max_context_tokens=args.max_context_tokens)
+                          max_context_tokens=args.max_context_tokens, captured_step=args.captured_step)
     server = WorkerServer(scheduler, sock, args.idle_timeout, args.max_frame_bytes, pid_file)
     asyncio.run(server.run())
     return 0

@@ -283,3 +283,22 @@ def test_worker_exits_after_idle_timeout(tiny_model_dir, tmp_path):
     assert proc.wait(60) == 0
     assert not sock.exists() and not sock.with_suffix(".pid").exists()
     assert "idle for 1.5 s" in sock.with_suffix(".log").read_text()
+
+
+def test_captured_step_setting_reaches_the_engine(tiny_model_dir):
+    """--captured-step / capturedStep: the worker's engine steps at bucketed shapes (eagerly on a CPU)."""
+    from dlm_ls.lsp_server.config import Settings
+    from dlm_ls.model.worker import Scheduler
+
+    settings, problems = Settings().merged({"capturedStep": True})
+    assert not problems and settings.captured_step
+    s = Scheduler(str(tiny_model_dir), device="cpu", max_jobs=2, captured_step=settings.captured_step)
+    s.start()
+    try:
+        w = Waiter()
+        s.submit("x", {"id": "a", "segments": SEGMENTS, "overrides": FAST}, w.done)
+        assert w.wait().error is None and w.result["nfe"] >= 1
+        stats = s.inf.info()["captured_step"]
+        assert stats["eager"] == w.result["nfe"] and stats["capture"] is False
+    finally:
+        s.stop()

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="default: bf16 on a GPU, fp32 on a CPU")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads in this process")
+    p.add_argument("--captured-step", action="store_true",
+                   help="step and latency: replay the refinement step as a CUDA graph (model/captured.py)")
     p.add_argument("--out-dir", default=None, help=f"where results go (default: {common.RESULTS_DIR})")
     p.add_argument("--quick", action="store_true", help="a smoke run: a handful of tasks, short sweeps")
     g = p.add_argument_group("quality and ratio")
@@ -128,7 +130,7 @@ class Session:
             from ..infill import Infiller
 
             self._infiller = Infiller(self.model_dir, device=self.device, dtype=self.args.dtype,
-                                      max_context_tokens=4096)
+                                      max_context_tokens=4096, captured_step=self.args.captured_step)
             info = self._infiller.info()
             self.model_info = {"parameters": info["parameters"], "dtype": info["dtype"], "sampler": info["sampler"]}
         return self._infiller
@@ -241,8 +243,9 @@ def run_latency(s: Session) -> None:
     s.release()  # the model lives in the worker now; keep this process light
     z = s.sizes
     print(f"latency: contexts {z['latency_contexts']}, {z['lines']} lines typed each", file=sys.stderr)
+    extra = {"capturedStep": True} if s.args.captured_step else None
     res = asyncio.run(latency.run_latency(s.model_dir, tuple(z["latency_contexts"]), z["lines"], s.args.seed,
-                                          s.device, z["startup_runs"]))
+                                          s.device, z["startup_runs"], extra))
     print(latency.format_latency(res))
     s.write({**s.header("latency"), **res})
 
