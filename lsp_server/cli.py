@@ -121,7 +121,8 @@ def cmd_serve(rest: list[str], debug: bool) -> int:
     p = argparse.ArgumentParser(prog="dlm-ls serve", description=(
         "Run the language server over stdio. It never loads the model itself: the first server "
         "starts a worker process that holds it, and later servers share that worker. Settings can "
-        "also come from the client's initializationOptions and workspace/didChangeConfiguration."))
+        "also come from the client's initializationOptions, workspace/configuration (section dlm) and "
+        "workspace/didChangeConfiguration."))
     _model_options(p)
     p.add_argument("--stdio", action="store_true",
                    help="accepted for editors that pass it; stdio is the only transport")

@@ -138,7 +138,7 @@ def _coerce(key: str, value: Any) -> Any:
     def bad(why: str) -> DlmError:
         return DlmError("config_error", f"setting {key!r}: {why} (got {value!r})")
 
-    if value is None:
+    if value is None or (value == "" and key in _OPTIONAL):  # editors send "" for an unset text setting
         if key in _OPTIONAL:
             return None
         raise bad("may not be null")

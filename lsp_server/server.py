@@ -289,6 +289,7 @@ class DlmServer(LanguageServer):
         self.context_tokens: int | None = None  # the engine's context budget, once the worker said it
         self.root_uri: str | None = None
         self.can_apply_edit = False  # the client takes workspace/applyEdit
+        self.can_pull_configuration = False  # the client answers workspace/configuration
         self.versioned_edits = False  # ... with documentChanges (so a changed document refuses them)
         self._backend_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()  # background work: speculations, warms
@@ -756,6 +757,7 @@ def build_server(settings: Settings) -> DlmServer:
         inline = caps.text_document is not None and caps.text_document.inline_completion is not None
         workspace = caps.workspace
         ls.can_apply_edit = bool(workspace and workspace.apply_edit)
+        ls.can_pull_configuration = bool(workspace and workspace.configuration)
         ls.versioned_edits = bool(workspace and workspace.workspace_edit and workspace.workspace_edit.document_changes)
         folders = params.workspace_folders or []
         ls.root_uri = folders[0].uri if folders else params.root_uri
@@ -769,6 +771,9 @@ def build_server(settings: Settings) -> DlmServer:
 
     @ls.feature(lsp.INITIALIZED)
     async def initialized(ls: DlmServer, params: lsp.InitializedParams):
+        # Settings the client keeps for pulling (workspace/configuration) may name the model: read
+        # them before the worker starts.
+        await pull_settings(ls, "workspace/configuration")
         # Start (or reach) the worker now, so the model is resident by the first keystroke.
         try:
             backend = await ls.get_backend()
@@ -782,7 +787,13 @@ def build_server(settings: Settings) -> DlmServer:
     @ls.feature(lsp.WORKSPACE_DID_CHANGE_CONFIGURATION)
     async def did_change_configuration(ls: DlmServer, params: lsp.DidChangeConfigurationParams):
         before = ls.settings
-        apply_settings(ls, params.settings, "didChangeConfiguration")
+        pushed = params.settings
+        if isinstance(pushed, dict) and not pushed:
+            pushed = None
+        if pushed is None and ls.can_pull_configuration:  # "something changed, ask me" (the pull model)
+            await pull_settings(ls, "workspace/configuration")
+        else:
+            apply_settings(ls, pushed, "didChangeConfiguration")
         now = ls.settings
         if (before.model, before.device, before.dtype, before.in_process) != \
                 (now.model, now.device, now.dtype, now.in_process):
@@ -910,6 +921,27 @@ async def completion(ls: DlmServer, params: lsp.CompletionParams):
         documentation=lsp.MarkupContent(kind=lsp.MarkupKind.PlainText, value=outcome.text))
     # is_incomplete: ask again as the user types; the suggestion depends on every character
     return lsp.CompletionList(is_incomplete=True, items=[item])
+
+
+CONFIGURATION_SECTION = "dlm"  # what the editors' settings are named under (dlm.model, dlm.device, ...)
+PULL_TIMEOUT_S = 5.0
+
+
+async def pull_settings(ls: DlmServer, source: str) -> None:
+    """Ask the client for the `dlm` section (workspace/configuration); a client that cannot answer
+    in time or answers with an error leaves the settings as they were."""
+    if not ls.can_pull_configuration:
+        return
+    params = lsp.ConfigurationParams(items=[lsp.ConfigurationItem(section=CONFIGURATION_SECTION)])
+    try:
+        answer = await asyncio.wait_for(ls.workspace_configuration_async(params), PULL_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - a client's failure must not stop the server
+        log.warning("%s: no answer (%s: %s); keeping the settings in force", source, type(exc).__name__, exc)
+        return
+    log.debug("%s answered %r", source, answer)
+    section = answer[0] if isinstance(answer, (list, tuple)) and answer else None
+    if isinstance(section, dict) and section:
+        apply_settings(ls, section, source)
 
 
 def apply_settings(ls: DlmServer, data: Any, source: str) -> None:

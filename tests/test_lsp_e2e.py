@@ -92,7 +92,7 @@ class Session:
 
 @contextlib.asynccontextmanager
 async def session(model_dir: Path, run_dir: Path, options: dict | None = None, inline: bool = True,
-                  encodings: list[str] | None = None):
+                  encodings: list[str] | None = None, pulled: dict | None = None):
     env = {**os.environ, "DLM_LS_RUNTIME_DIR": str(run_dir), "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     config = ClientServerConfig(
@@ -100,6 +100,8 @@ async def session(model_dir: Path, run_dir: Path, options: dict | None = None, i
                         "--device", "cpu"], server_env=env)
     client = await config.start()
     s = Session(client, env)
+    if pulled is not None:  # what the client answers to workspace/configuration for "dlm"
+        client.set_configuration(pulled, section="dlm")
     caps = client_capabilities("visual-studio-code")  # the presets do not declare inline completion
     if inline:
         caps.text_document.inline_completion = lsp.InlineCompletionClientCapabilities()
@@ -250,6 +252,29 @@ async def test_settings_from_did_change_configuration(tiny_model_dir, shared_run
             settings={"dlm": {"maxTokens": 3, "debounceMs": 5, "noSuchSetting": 1, "threshold": 7}}))
         settings = (await s.status())["settings"]
         assert (settings["max_tokens"], settings["debounce_ms"], settings["threshold"]) == (3, 5, None)
+
+
+async def until_settings(s: Session, ready, tries: int = 50) -> dict:
+    """The server's settings once `ready(settings)`, or as they are after `tries` polls: a pull is a
+    round trip of its own, answered after the notification or `initialized` that started it."""
+    for _ in range(tries):
+        settings = (await s.status())["settings"]
+        if ready(settings):
+            break
+        await asyncio.sleep(0.1)
+    return settings
+
+
+async def test_settings_pulled_with_workspace_configuration(tiny_model_dir, shared_run):
+    async with session(tiny_model_dir, shared_run, pulled={"maxTokens": 3, "model": "", "debounceMs": 9}) as s:
+        settings = await until_settings(s, lambda st: st["max_tokens"] == 3)
+        # pulled after `initialized`: they win over initializationOptions
+        assert (settings["max_tokens"], settings["debounce_ms"]) == (3, 9)
+        assert settings["model"] is None  # an editor's empty text setting means "the default"
+        s.client.set_configuration({"maxTokens": 2, "threshold": 7}, section="dlm")
+        s.client.workspace_did_change_configuration(lsp.DidChangeConfigurationParams(settings=None))
+        settings = await until_settings(s, lambda st: st["max_tokens"] == 2)
+        assert (settings["max_tokens"], settings["threshold"]) == (2, None)  # the bad value is skipped
 
 
 async def test_five_megabyte_document_uses_a_bounded_context(tiny_model_dir, shared_run):
