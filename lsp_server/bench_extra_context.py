@@ -21,7 +21,12 @@ matches hide. `chunk found` is how often the preamble contains the target's defi
 the `ar` factorization, PAD end included), per token: it moves long before exact match does, and
 `nll_lower_with_chunks` is the paired share of tasks where the chunks made the expected text likelier.
 
-    python -m dlm_ls.lsp_server.bench_extra_context --model runs/cpu-small/latest [--tasks 48]
+    python -m dlm_ls.lsp_server.bench_extra_context --model runs/cpu-small/latest [--tasks 48] [--heldout 40]
+
+`--heldout N` adds real tasks: the first N single-line tasks of the held-out benchmark
+(model/bench/tasks/heldout.jsonl, packages never trained on), with the other modules of the
+task's package, as installed here, as the open documents (the task file's own folder and the
+package's top folder, at most MAX_OPEN_DOCUMENTS). Same two runs, same measures.
 
 Prints a table and writes bench/results/extra_context-<device>.json. Imports torch (the engine runs
 in this process); the language server itself never does.
@@ -59,8 +64,9 @@ class Task:
     text: str  # the document being edited
     offset: int  # the cursor
     expected: str  # the rest of the call line
-    target_def: str  # the target's definition line, to check the ranking
+    target_def: str | None  # the target's definition line, to check the ranking (None: not known)
     others: dict[str, str]  # the other open documents
+    root: str = "file:///work/app"  # the workspace folder
 
 
 def _function(rng: random.Random, name: str, params: list[str]) -> str:
@@ -113,6 +119,54 @@ def build_tasks(n: int, seed: int = 0) -> list[Task]:
     return tasks
 
 
+MAX_OPEN_DOCUMENTS = 40
+MAX_DOCUMENT_CHARS = 200_000
+
+
+def package_documents(package: str, path: str) -> tuple[str, dict[str, str]]:
+    """The workspace root URI and the other modules of an installed package, as open documents."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"bench_extra_context: package {package!r} is not installed here")
+    pkg_dir = Path(list(spec.submodule_search_locations)[0])
+    site = pkg_dir.parent
+    own = site / path
+    files = sorted(own.parent.glob("*.py")) + sorted(pkg_dir.glob("*.py"))
+    others: dict[str, str] = {}
+    for f in files:
+        if f == own or f.as_uri() in others or len(others) >= MAX_OPEN_DOCUMENTS:
+            continue
+        text = f.read_text(encoding="utf-8", errors="replace")
+        if len(text) <= MAX_DOCUMENT_CHARS:
+            others[f.as_uri()] = text
+    return site.as_uri(), others
+
+
+def build_heldout_tasks(n: int) -> list[Task]:
+    import json
+
+    from dlm_ls.model.train.evaluate import DEFAULT_TASKS
+
+    tasks: list[Task] = []
+    with open(DEFAULT_TASKS, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    lines = [r for r in rows if r["kind"] == "line"]
+    # round-robin over packages, so that a small N still covers each of them
+    by_pkg: dict[str, list[dict]] = {}
+    for r in lines:
+        by_pkg.setdefault(r["package"], []).append(r)
+    order = [r for group in zip(*by_pkg.values()) for r in group]
+    for r in order[:n]:
+        root, others = package_documents(r["package"], r["path"])
+        uri = root.rstrip("/") + "/" + r["path"]
+        tasks.append(Task(r["id"], f"heldout-{r['package']}", uri, r["prefix"] + r["suffix"], len(r["prefix"]),
+                          r["middle"].strip(), None, others, root))
+    return tasks
+
+
 def similarity(a: str, b: str) -> float:
     return difflib.SequenceMatcher(None, a, b).ratio()
 
@@ -121,7 +175,7 @@ def run_task(inf, task: Task, settings: Settings, with_chunks: bool) -> dict:
     doc = D.Document(task.uri, task.text, "python")
     max_chars = prompt_chars(inf.max_context_tokens or DEFAULT_CONTEXT_TOKENS)
     budget = min(settings.extra_context_chars, int(max_chars * EXTRA_CONTEXT_SHARE))
-    preamble = extra_context_preamble(doc, task.offset, task.others, budget, "file:///work/app") if with_chunks else ""
+    preamble = extra_context_preamble(doc, task.offset, task.others, budget, task.root) if with_chunks else ""
     plan = plan_completion(doc, task.offset, settings, preamble, max_chars)
     if plan is None:
         return {"task": task.name, "kind": task.kind, "suggestion": None, "exact": False, "similarity": 0.0,
@@ -136,7 +190,8 @@ def run_task(inf, task: Task, settings: Settings, with_chunks: bool) -> dict:
     return {"task": task.name, "kind": task.kind, "suggestion": line, "expected": task.expected,
             "exact": line.strip() == task.expected, "similarity": round(similarity(line.strip(), task.expected), 4),
             "ms": round(ms, 2), "nfe": result["nfe"], "preamble_chars": len(preamble),
-            "chunk_found": task.target_def in preamble, "nll": round(score["nll"], 4), "nll_tokens": score["tokens"]}
+            "chunk_found": None if task.target_def is None else task.target_def in preamble,
+            "nll": round(score["nll"], 4), "nll_tokens": score["tokens"]}
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -145,9 +200,15 @@ def summarize(rows: list[dict]) -> dict:
             "nll_per_token": sum(r["nll"] for r in scored) / max(1, sum(r["nll_tokens"] for r in scored)),
             "nll_mean": statistics.fmean(r["nll"] for r in scored) if scored else 0.0,
             "similarity": statistics.fmean(r["similarity"] for r in rows) if rows else 0.0,
-            "chunk_found": sum(r["chunk_found"] for r in rows) / max(1, len(rows)),
+            "chunk_found": sum(bool(r["chunk_found"]) for r in rows) / max(1, len(rows)),
             "ms_mean": statistics.fmean(r["ms"] for r in rows) if rows else 0.0,
             "preamble_chars_mean": statistics.fmean(r["preamble_chars"] for r in rows) if rows else 0.0}
+
+
+def nll_lower_share(runs: dict[str, list[dict]]) -> float:
+    pairs = [(a["nll"], b["nll"]) for a, b in zip(runs["without"], runs["with"])
+             if a["nll"] is not None and b["nll"] is not None]
+    return sum(b < a for a, b in pairs) / max(1, len(pairs))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="checkpoint folder (default: the shipped model/default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--tasks", type=int, default=48)
+    p.add_argument("--heldout", type=int, default=0, help="also this many held-out single-line tasks (real code)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--out", help="results folder (default bench/results)")
@@ -173,10 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     inf = Infiller(model_dir, device=args.device)
     settings = Settings()
     tasks = build_tasks(args.tasks, args.seed)
+    heldout = build_heldout_tasks(args.heldout) if args.heldout else []
     runs = {label: [run_task(inf, t, settings, label == "with") for t in tasks] for label in ("without", "with")}
+    real = {label: [run_task(inf, t, settings, label == "with") for t in heldout] for label in ("without", "with")}
 
-    pairs = [(a["nll"], b["nll"]) for a, b in zip(runs["without"], runs["with"]) if a["nll"] is not None
-             and b["nll"] is not None]
     result = header("extra_context", argv, str(inf.engine.device))
     result["command"] = " ".join(["python -m dlm_ls.lsp_server.bench_extra_context", *(argv or sys.argv[1:])])
     result.update(model=model_label(model_dir), tasks=len(tasks), seed=args.seed,
@@ -185,19 +247,27 @@ def main(argv: list[str] | None = None) -> int:
                   by_kind={label: {k: summarize([r for r in rows if r["kind"] == k]) for k in KINDS}
                            for label, rows in runs.items()},
                   # paired: the share of tasks whose expected text became more likely with the chunks
-                  nll_lower_with_chunks=sum(b < a for a, b in pairs) / max(1, len(pairs)),
-                  rows=runs)
-    head = ["chunks", "kind", "tasks", "exact match", "similarity", "nll/token", "chunk found", "ms mean",
+                  nll_lower_with_chunks=nll_lower_share(runs), rows=runs)
+    if heldout:
+        result["heldout"] = {"tasks": len(heldout), "summary": {label: summarize(rows) for label, rows in real.items()},
+                             "nll_lower_with_chunks": nll_lower_share(real), "rows": real}
+    head = ["chunks", "tasks", "kind", "exact match", "similarity", "nll/token", "chunk found", "ms mean",
             "preamble chars"]
     lines = []
     for label in ("without", "with"):
         for kind, s in [("all", result["summary"][label]), *result["by_kind"][label].items()]:
-            lines.append([label, kind, s["tasks"], s["exact_match"], s["similarity"], s["nll_per_token"],
+            lines.append([label, "call", kind, s["exact_match"], s["similarity"], s["nll_per_token"],
                           s["chunk_found"], s["ms_mean"], s["preamble_chars_mean"]])
-    print(f"extra context on {len(tasks)} call tasks, model {result['model']}, device {inf.engine.device}")
+        if heldout:
+            s = result["heldout"]["summary"][label]
+            lines.append([label, "held-out", f"line x{s['tasks']}", s["exact_match"], s["similarity"],
+                          s["nll_per_token"], "-", s["ms_mean"], s["preamble_chars_mean"]])
+    print(f"extra context on {len(tasks)} call tasks and {len(heldout)} held-out lines, model {result['model']}, "
+          f"device {inf.engine.device}")
     print(table(lines, head))
-    print(f"expected text more likely with the chunks in {result['nll_lower_with_chunks']:.0%} of "
-          f"{len(pairs)} tasks (nll: the `ar` log-likelihood of the expected rest of the line, nats)")
+    print(f"expected text more likely with the chunks in {result['nll_lower_with_chunks']:.0%} of the call tasks"
+          + (f" and {result['heldout']['nll_lower_with_chunks']:.0%} of the held-out lines" if heldout else "")
+          + " (nll: the `ar` log-likelihood of the expected text, nats)")
     print(f"wrote {write_result(result, args.out)}")
     return 0
 

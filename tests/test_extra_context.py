@@ -135,7 +135,7 @@ def test_extra_context_benchmark_runs_end_to_end_on_a_tiny_model(tiny_model_dir,
 
     from dlm_ls.lsp_server import bench_extra_context as B
 
-    assert B.main(["--model", str(tiny_model_dir), "--tasks", "3", "--out", str(tmp_path)]) == 0
+    assert B.main(["--model", str(tiny_model_dir), "--tasks", "3", "--heldout", "2", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "extra_context-cpu.json").read_text())
     for label in ("without", "with"):
         s = result["summary"][label]
@@ -143,4 +143,7 @@ def test_extra_context_benchmark_runs_end_to_end_on_a_tiny_model(tiny_model_dir,
         assert all(r["nll_tokens"] > 0 and r["nll"] > 0 for r in result["rows"][label])
     assert result["summary"]["with"]["chunk_found"] == 1.0 and result["summary"]["without"]["chunk_found"] == 0.0
     assert 0.0 <= result["nll_lower_with_chunks"] <= 1.0
+    held = result["heldout"]
+    assert held["tasks"] == 2 and held["summary"]["with"]["preamble_chars_mean"] > 0  # installed modules as chunks
+    assert {r["task"] for r in held["rows"]["with"]} == {r["task"] for r in held["rows"]["without"]}
     assert "more likely with the chunks" in capsys.readouterr().out

@@ -170,12 +170,18 @@ def large_section(d: dict) -> str:
 
 
 def extra_context_section(d: dict) -> str:
-    rows = [[label, _f(s["exact_match"]), _f(s["similarity"]), _f(s["nll_per_token"]), _f(s["chunk_found"], 2)]
+    rows = [["call", label, _f(s["exact_match"]), _f(s["similarity"]), _f(s["nll_per_token"]), _f(s["chunk_found"], 2)]
             for label, s in d["summary"].items() if "nll_per_token" in s]
+    held = d.get("heldout")
+    if held:
+        rows += [[f"held-out line x{s['tasks']}", label, _f(s["exact_match"]), _f(s["similarity"]),
+                  _f(s["nll_per_token"]), "–"] for label, s in held["summary"].items()]
     return "\n".join([f"**Extra context** ({d['tasks']} call-completion tasks whose argument order is written only in "
                       f"another open document; model {d['model']}): the expected text was likelier with the chunks in "
-                      f"{_f(d.get('nll_lower_with_chunks'), 2)} of the tasks.", "",
-                      _md(rows, ["chunks", "exact match", "similarity", "nll/token", "definition in chunks"]), "",
+                      f"{_f(d.get('nll_lower_with_chunks'), 2)} of the tasks"
+                      + (f", and in {_f(held['nll_lower_with_chunks'], 2)} of {held['tasks']} held-out single-line "
+                         "tasks with the package's other modules open" if held else "") + ".", "",
+                      _md(rows, ["tasks", "chunks", "exact match", "similarity", "nll/token", "definition in chunks"]), "",
                       provenance(d)])
 
 
