@@ -27,7 +27,17 @@ from .train.tokenizer import encode_plain
 
 MASK_GLYPH = "\u2591"  # how an undecided slot looks in a streamed refinement state
 MODES = ("line", "block", "auto")
-DEFAULT_MAX_CONTEXT_TOKENS = 2048
+DEFAULT_MAX_CONTEXT_TOKENS = 2048  # for a model that does not say how long its training rows were
+
+
+def default_context_tokens(model_config, sampler: SamplerConfig) -> int:
+    """The context budget to use when none is asked for: the trained row length, less room for the
+    middle (committed blocks and the canvas), or DEFAULT_MAX_CONTEXT_TOKENS when it is not known."""
+    trained = getattr(model_config, "trained_context", None)
+    if not trained:
+        return DEFAULT_MAX_CONTEXT_TOKENS
+    room = max(sampler.max_tokens, max(sampler.canvas_lengths))
+    return max(64, trained - room)
 
 
 class InfillError(ValueError):
@@ -127,7 +137,7 @@ class InfillTextJob:
 
 class Infiller:
     def __init__(self, model_dir: str | Path | None = None, device: str = "auto", dtype: str | None = None,
-                 max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS, cache_budget_bytes: int | None = None,
+                 max_context_tokens: int | None = None, cache_budget_bytes: int | None = None,
                  captured_step: bool = False):
         self.model_dir = Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR
         if not (self.model_dir / "config.json").exists():
@@ -137,6 +147,8 @@ class Infiller:
         self._backend = self.tokenizer.backend_tokenizer
         self.defaults = load_sampler_config(self.model_dir)
         kwargs = {"cache_budget_bytes": cache_budget_bytes} if cache_budget_bytes else {}
+        if max_context_tokens is None:
+            max_context_tokens = default_context_tokens(self.model.config, self.defaults)
         self.engine = Engine(self.model, max_context_tokens=max_context_tokens, captured_step=captured_step, **kwargs)
         self.max_context_tokens = self.engine.max_context_tokens
         self.newline_ids = frozenset(i for i in range(len(self.tokenizer)) if "\n" in self._decode([i]))

@@ -45,3 +45,11 @@ def test_shipped_model_is_trained_not_random(infiller):
     r = infiller.complete(["import os\nimport sys\n\n\ndef main():\n    print(", ")\n"], mode="line")
     assert r.score > -4.0, r
     assert json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())["layout"] == "dlm"
+
+
+def test_shipped_model_keeps_its_context_inside_its_training_rows(infiller):
+    from dlm_ls.model.infill import default_context_tokens
+
+    trained = infiller.model.config.trained_context
+    assert trained and infiller.max_context_tokens == default_context_tokens(infiller.model.config, infiller.defaults)
+    assert infiller.max_context_tokens + infiller.defaults.max_tokens <= trained

@@ -277,6 +277,7 @@ def test_resume_gives_the_same_next_step_loss(tokenizer, corpus_dir, tmp_path):
     assert state["step"] == 4 and state["config"]["resume"] == str(split)
     model = load.load_model(split / "latest", device="cpu")
     assert model.config.vocab_size == ModelConfig.preset("tiny").vocab_size
+    assert model.config.trained_context == CFG.seq_len  # the Infiller keeps its context budget inside it
     assert (split / "latest" / "tokenizer.json").exists()
 
 

@@ -129,8 +129,9 @@ class Session:
         if self._infiller is None:
             from ..infill import Infiller
 
+            # the model's own context budget: quality is measured as the server would run it
             self._infiller = Infiller(self.model_dir, device=self.device, dtype=self.args.dtype,
-                                      max_context_tokens=4096, captured_step=self.args.captured_step)
+                                      captured_step=self.args.captured_step)
             info = self._infiller.info()
             self.model_info = {"parameters": info["parameters"], "dtype": info["dtype"], "sampler": info["sampler"]}
         return self._infiller

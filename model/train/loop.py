@@ -240,6 +240,8 @@ def train(cfg: TrainConfig, tokenizer=None, progress: bool = True) -> dict:
     else:
         model_cfg = ModelConfig.preset(cfg.preset, vocab_size=max(ModelConfig.preset(cfg.preset).vocab_size,
                                                                   tokenizer.get_vocab_size()))
+    # the weights will have seen rows this long (and, when continued, whatever they saw before)
+    model_cfg = dataclasses.replace(model_cfg, trained_context=max(cfg.seq_len, model_cfg.trained_context or 0))
     if tokenizer.get_vocab_size() > model_cfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens, the model {model_cfg.vocab_size}")
     model = DiffusionLM(model_cfg).init_weights(cfg.init_seed)

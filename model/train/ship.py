@@ -12,6 +12,7 @@ typed by hand). It knows checkpoint folders and the training log's format; it tr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import shutil
@@ -127,6 +128,10 @@ def ship(run: Path, out: Path, eval_json: Path | None, manifest_path: Path, note
          sampler: SamplerConfig | None, train_command: str | None = None) -> list[Path]:
     checkpoint = run / "latest" if (run / "latest" / "config.json").exists() else run
     model = load_model(checkpoint, "cpu", "fp32")
+    if model.config.trained_context is None:  # runs from before the field: their logged row length
+        seq_len = (read_log(run)[0].get("config") or {}).get("seq_len")
+        if seq_len:
+            model.config = dataclasses.replace(model.config, trained_context=int(seq_len))
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_checkpoint(model, tmp, sampler or load_sampler_config(checkpoint), checkpoint / "tokenizer.json",
