@@ -272,6 +272,8 @@ def test_latency_through_the_real_server(tiny_model_dir, tmp_path, monkeypatch):
     assert res["startup_ms"]["count"] == 1 and res["torch_in_server"] is False
     assert res["worker_rss"]["rss_bytes"] and res["server_rss"]["rss_bytes"]
     assert 0.0 <= res["context_cache_hit_rate"] <= 1.0
+    # the model sees its own budget (the tiny fixture says no trained length: the engine default)
+    assert res["context_budget_tokens"] == 2048 and res["full_context"] is False
     assert "p50 ms" in latency.format_latency(res)
 
 

@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--latency-contexts", type=_ints, default=None, help="context tokens, e.g. 256,1024,4096")
     g.add_argument("--lines", type=int, default=None, help="lines typed per context")
     g.add_argument("--startup-runs", type=int, default=None)
+    g.add_argument("--full-context", action="store_true",
+                   help="let the model see the whole context, past its own budget (how a step scales)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("ceilings and large")
     g.add_argument("--arch", default="7b", choices=sorted(ARCHS), help="the large architecture (default 7b)")
@@ -246,7 +248,7 @@ def run_latency(s: Session) -> None:
     print(f"latency: contexts {z['latency_contexts']}, {z['lines']} lines typed each", file=sys.stderr)
     extra = {"capturedStep": True} if s.args.captured_step else None
     res = asyncio.run(latency.run_latency(s.model_dir, tuple(z["latency_contexts"]), z["lines"], s.args.seed,
-                                          s.device, z["startup_runs"], extra))
+                                          s.device, z["startup_runs"], extra, s.args.full_context))
     print(latency.format_latency(res))
     s.write({**s.header("latency"), **res})
 

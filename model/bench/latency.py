@@ -425,7 +425,10 @@ def _worker_figures(status: dict) -> dict:
 
 async def run_latency(model_dir: Path, contexts: tuple[int, ...] = CONTEXTS, lines_to_type: int = 3,
                       seed: int = 0, device: str = "auto", startup_runs: int = 5,
-                      extra_options: dict | None = None) -> dict:
+                      extra_options: dict | None = None, full_context: bool = False) -> dict:
+    """Typing replayed through a real server and worker. The model sees what it would in use: at most
+    its own context budget (`max_context_tokens` in dlm/status); `full_context` lifts the budget
+    to the whole scene instead, to measure how a step scales with the context."""
     from tokenizers import Tokenizer
 
     from ...lsp_server import bench_startup
@@ -450,8 +453,10 @@ async def run_latency(model_dir: Path, contexts: tuple[int, ...] = CONTEXTS, lin
             starts.append(r["wall_ms"])
     result["startup_ms"] = percentiles(starts)
 
-    options = {"maxContextChars": 64000, "maxContextTokens": max(contexts) + 512, "idleTimeoutS": 120,
-               **(extra_options or {})}
+    options = {"maxContextChars": 64000, "idleTimeoutS": 120, **(extra_options or {})}
+    if full_context:
+        options["maxContextTokens"] = max(contexts) + 512
+    result["full_context"] = full_context
     client = Client(command, env)
     try:
         result["initialize_ms"] = await client.start(options)
@@ -461,6 +466,7 @@ async def run_latency(model_dir: Path, contexts: tuple[int, ...] = CONTEXTS, lin
             await asyncio.sleep(0.5)
             status = await client.status()
         result["worker_ready_s"] = time.perf_counter() - t0
+        result["context_budget_tokens"] = ((status.get("worker") or {}).get("info") or {}).get("max_context_tokens")
         version = 0
         for n, target in enumerate(contexts):
             scene = make_scene(source["text"], tokenizer, target, lines_to_type, seed)

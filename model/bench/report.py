@@ -141,9 +141,13 @@ def latency_section(d: dict) -> str:
              f"context cache hit rate {_f(hit, 2)}; model time per forward pass {_ms(step)} ms"]
     if d.get("result_cache_hit_rate") is not None:
         facts.append(f"result cache hit rate {_f(d['result_cache_hit_rate'], 2)}")
+    budget = d.get("context_budget_tokens")
+    seen = ("the whole context reaches the model (`--full-context`)" if d.get("full_context") or not budget
+            else f"the model sees at most {budget} tokens of it, its trained budget")
     return "\n".join([f"**Latency through LSP** (`textDocument/inlineCompletion`, typing replayed at "
-                      f"{d.get('typing_ms')} ms a key, superseded requests cancelled), request to response in ms:", "",
-                      _md(rows, ["context tokens", "requests", "to the model", "answered", "shown", "p50", "p95", "p99",
+                      f"{d.get('typing_ms')} ms a key, superseded requests cancelled; {seen}), request to response "
+                      "in ms:", "",
+                      _md(rows, ["tokens before the cursor", "requests", "to the model", "answered", "shown", "p50", "p95", "p99",
                                  "p50 at pauses"]), "",
                       "; ".join(facts) + ".", "", provenance(d)])
 
