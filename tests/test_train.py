@@ -291,6 +291,25 @@ def test_init_from_starts_a_fresh_run_from_weights(tokenizer, corpus_dir, tmp_pa
     assert state["step"] == 1
 
 
+def test_ship_writes_a_bf16_folder_whose_card_tells_every_stage(tokenizer, corpus_dir, tmp_path):
+    from dlm_ls.model.train import ship
+
+    first, second, out = tmp_path / "a", tmp_path / "b", tmp_path / "shipped"
+    loop.train(_run_cfg(corpus_dir, first, steps=2, eval_batches=0), tokenizer, progress=False)
+    loop.train(_run_cfg(corpus_dir, second, steps=1, eval_batches=0, init_from=str(first / "latest")),
+               tokenizer, progress=False)
+    assert ship.main(["--run", str(second), "--out", str(out), "--manifest", str(tmp_path / "none.json"),
+                      "--note", "A test model."]) == 0
+    model = load.load_model(out, device="cpu")
+    assert model.config.trained_context == CFG.seq_len
+    assert {p.name for p in out.iterdir()} >= {"config.json", "sampler.json", "tokenizer.json", "DATA_CARD.md"}
+    card = (out / "DATA_CARD.md").read_text()
+    assert "A test model." in card and "started from the weights of earlier runs" in card
+    assert "2 steps" in card and "In all:" in card  # the first stage, then the totals
+    stored = load.read_weights(out)
+    assert all(t.dtype == torch.bfloat16 for t in stored.values() if t.is_floating_point())
+
+
 def test_cli_parses_every_config_field():
     cfg = loop.parse_args(["--preset", "tiny", "--steps", "3", "--loss", "elbo", "--compile", "--lr", "1e-4"])
     assert (cfg.preset, cfg.steps, cfg.loss, cfg.compile, cfg.lr) == ("tiny", 3, "elbo", True, 1e-4)

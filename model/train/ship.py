@@ -47,6 +47,22 @@ def read_log(run: Path) -> tuple[dict, list[dict]]:
     return start, steps
 
 
+def _stage_lines(stages: list[dict], last: dict, hours: float) -> list[str]:
+    if not stages:
+        return []
+    out = ["The run above started from the weights of earlier runs (`--init-from`), oldest first:", ""]
+    for s in stages:
+        if s.get("command") is None:
+            out.append(f"- `{s['run']}` (its log is not here)")
+            continue
+        out.append(f"- `{s['command']}`: {s['steps']} steps, {s['tokens'] / 1e6:.2f} M tokens, {s['hours']:.2f} hours, "
+                   f"validation loss {s['val_loss']}")
+    total_tokens = sum(s.get("tokens") or 0 for s in stages) + last.get("tokens", 0)
+    total_hours = sum(s.get("hours") or 0.0 for s in stages) + hours
+    out += ["", f"In all: {total_tokens / 1e6:.2f} M tokens, {total_hours:.2f} hours.", ""]
+    return out
+
+
 def _fmt_eval(ev: dict) -> str:
     """A markdown table from `dlm-ls eval`'s summary: per strategy and task kind."""
     rows = ["| strategy | kind | tasks | exact match | parses | mean NFE | tokens/pass | ms |",
@@ -57,6 +73,29 @@ def _fmt_eval(ev: dict) -> str:
                         f"{s.get('parse_rate', 0):.3f} | {s.get('mean_nfe', 0):.1f} | "
                         f"{s.get('tokens_per_pass', 0):.2f} | {s.get('mean_wall_ms', 0):.0f} |")
     return "\n".join(rows)
+
+
+def earlier_stages(run: Path, depth: int = 5) -> list[dict]:
+    """The runs this one was started from (`--init-from RUN/latest`), oldest first, each summarized."""
+    stages: list[dict] = []
+    start, _ = read_log(run)
+    while depth > 0:
+        source = (start.get("config") or {}).get("init_from") or ""
+        if not source:
+            break
+        folder = Path(source)
+        prev = folder.parent if folder.name == "latest" else folder
+        start, steps = read_log(prev)
+        if not start:
+            stages.append({"run": source, "command": None})
+            break
+        last = steps[-1] if steps else {}
+        val = [s for s in steps if "val_loss" in s]
+        stages.append({"run": str(prev), "command": start.get("command"), "steps": last.get("step"),
+                       "tokens": last.get("tokens", 0), "hours": last.get("time", 0.0) / 3600.0,
+                       "val_loss": val[-1].get("val_loss") if val else None})
+        depth -= 1
+    return stages[::-1]
 
 
 def data_card(run: Path, checkpoint: Path, manifest: dict, ev: dict | None, extra_note: str,
@@ -98,7 +137,10 @@ def data_card(run: Path, checkpoint: Path, manifest: dict, ev: dict | None, extr
         f"- Network: {model_cfg.get('n_layers')} layers, dim {model_cfg.get('dim')}, {model_cfg.get('n_heads')} heads "
         f"({model_cfg.get('n_kv_heads')} kv), SwiGLU {model_cfg.get('ffn_dim')}, vocab {model_cfg.get('vocab_size')}, tied embeddings",
         "- Weights: bf16 safetensors, shards of at most 15 MB",
+        f"- Context: rows of {model_cfg.get('trained_context')} tokens; the engine's default context budget stays "
+        "inside them",
         "",
+        *_stage_lines(earlier_stages(run), last, hours),
         "## Data",
         "",
         f"Python source from the standard library and installed site-packages, permissive licenses only ({', '.join(l for l in licenses if l)}), "
