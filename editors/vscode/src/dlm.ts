@@ -40,6 +40,15 @@ export function serverSettings(s: Settings): Record<string, unknown> {
   return { model: s.model || null, device: s.device, debounceMs: 0 };
 }
 
+/**
+ * The answer to the server's `workspace/configuration` request: for the `dlm` section the same
+ * settings as above, never VS Code's raw `dlm` object (it holds client-only keys such as
+ * `server.path`, and a `debounceMs` the client has already waited out), and null for any other.
+ */
+export function configurationAnswer(items: readonly { section?: string }[], s: Settings): unknown[] {
+  return items.map((item) => (item.section === 'dlm' ? serverSettings(s) : null));
+}
+
 /** Settings whose change needs a new server process (the model is loaded once, at start). */
 export const RESTART_KEYS = ['dlm.server', 'dlm.model', 'dlm.device'];
 

@@ -59,6 +59,10 @@ function readSettings(): dlm.Settings {
 // --- the language client -------------------------------------------------------------------
 
 const middleware: Middleware = {
+  workspace: {
+    // The server pulls its settings; answer with what the extension sends, not VS Code's raw section.
+    configuration: (params) => dlm.configurationAnswer(params.items, settings),
+  },
   async provideInlineCompletionItems(document, position, context, token, next) {
     if (!dlm.enabledFor(settings, document.languageId)) {
       return null;

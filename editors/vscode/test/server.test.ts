@@ -17,6 +17,7 @@ import {
   StreamMessageWriter,
 } from 'vscode-jsonrpc/node';
 import {
+  ConfigurationRequest,
   DidChangeConfigurationNotification,
   DidChangeTextDocumentNotification,
   DidOpenTextDocumentNotification,
@@ -110,6 +111,15 @@ describe('dlm.ts', () => {
     assert.ok(Date.now() - t0 < 1000);
   });
 
+  test('the server pulls the settings the extension sends, never client-only ones', () => {
+    const s = { ...settings, debounceMs: 75, model: '/models/x' };
+    assert.deepEqual(dlm.configurationAnswer([{ section: 'dlm' }, { section: 'python' }, {}], s), [
+      { model: '/models/x', device: s.device, debounceMs: 0 },
+      null,
+      null,
+    ]);
+  });
+
   test('statusLine shows the model folder name and the device', () => {
     assert.equal(dlm.statusLine({ model: '/x/tiny-model', device: 'cuda:0', worker_pid: null }), 'tiny-model · cuda:0');
     assert.equal(dlm.statusLine({ model: null, device: null, worker_pid: null }), 'dlm-ls');
@@ -129,6 +139,8 @@ describe('against dlm-ls serve', { skip }, () => {
     proc = spawn(command, args, { stdio: ['pipe', 'pipe', 'pipe'] });
     proc.stderr!.on('data', (chunk) => (stderr += chunk));
     conn = createMessageConnection(new StreamMessageReader(proc.stdout!), new StreamMessageWriter(proc.stdin!));
+    // As the extension's middleware answers the server's pull of its `dlm` settings.
+    conn.onRequest(ConfigurationRequest.type, (params) => dlm.configurationAnswer(params.items, settings));
     conn.listen();
     init = await conn.sendRequest(InitializeRequest.type, {
       processId: process.pid,

@@ -74,6 +74,8 @@ function M.attach(bufnr, on_attach)
     root_dir = vim.fn.getcwd(),
     capabilities = capabilities(),
     init_options = M.init_options(),
+    -- What Neovim answers when the server pulls its `dlm` section (workspace/configuration).
+    settings = { dlm = M.init_options() },
     on_attach = on_attach,
     on_exit = function(code, signal)
       -- Neovim reports a crash itself; remember it, so other buffers do not start it again.
