@@ -185,6 +185,20 @@ def test_eval_command_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
             assert r["tokens"] <= r["nfe"]  # one token per forward pass at most
     par = [r for r in data["records"] if r["config"] == "parallel"]
     assert data["summary"]["parallel"]["all"]["mean_nfe"] == sum(r["nfe"] for r in par) / len(par)
+    assert data["target"]["tasks"] == 1 and "target on 1 line tasks" in printed
+
+
+def test_target_check_arithmetic():
+    line = lambda exact, nfe: {"line": {"n": 50, "exact_match": exact, "mean_nfe": nfe}}  # noqa: E731
+    t = E.target_check({"parallel": line(0.40, 5.0), "ar": line(0.41, 16.0)})
+    assert t["points_behind_ar"] == pytest.approx(1.0) and t["nfe_share_of_ar"] == pytest.approx(5 / 16)
+    assert t["exact_within_2_points"] and t["nfe_at_most_a_third"] and t["meaningful"]
+    assert "met" in E.format_target(t) and "not met" not in E.format_target(t)
+    slow = E.target_check({"parallel": line(0.40, 8.0), "ar": line(0.41, 16.0)})
+    assert not slow["nfe_at_most_a_third"] and "not met" in E.format_target(slow)
+    nothing = E.target_check({"parallel": line(0.0, 5.0), "ar": line(0.0, 16.0)})
+    assert not nothing["meaningful"] and "says nothing" in E.format_target(nothing)
+    assert E.target_check({"parallel": line(0.1, 5.0)}) is None
 
 
 def test_eval_writes_tasks_from_a_corpus_folder(tmp_path):

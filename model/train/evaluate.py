@@ -303,6 +303,33 @@ def normalize(s: str) -> str:
     return "\n".join(line.rstrip() for line in s.replace("\r\n", "\n").split("\n")).strip()
 
 
+# The default model's target (a measurement, not a test): on held-out single-line infill, `parallel`
+# within this many points of `ar`'s exact match, with at most this share of its forward passes.
+TARGET_EXACT_POINTS = 2.0
+TARGET_NFE_SHARE = 1 / 3
+
+
+def target_check(summaries: dict) -> dict | None:
+    """The target's two numbers on the line tasks and whether each is met; None without both strategies."""
+    par, ar = (summaries.get(s, {}).get("line") for s in ("parallel", "ar"))
+    if not par or not ar or not ar.get("mean_nfe"):
+        return None
+    points = 100.0 * (ar["exact_match"] - par["exact_match"])
+    share = par["mean_nfe"] / ar["mean_nfe"]
+    return {"tasks": par["n"], "parallel_exact": par["exact_match"], "ar_exact": ar["exact_match"],
+            "points_behind_ar": points, "nfe_share_of_ar": share,
+            "exact_within_2_points": points <= TARGET_EXACT_POINTS, "nfe_at_most_a_third": share <= TARGET_NFE_SHARE,
+            "meaningful": ar["exact_match"] > 0}  # 0 against 0 is "within 2 points" and says nothing
+
+
+def format_target(t: dict) -> str:
+    verdict = "met" if t["exact_within_2_points"] and t["nfe_at_most_a_third"] else "not met"
+    note = "" if t["meaningful"] else " (ar's exact match is 0: the comparison says nothing yet)"
+    return (f"target on {t['tasks']} line tasks: parallel {t['parallel_exact']:.3f} vs ar {t['ar_exact']:.3f} exact match "
+            f"({t['points_behind_ar']:+.1f} points behind), {t['nfe_share_of_ar']:.2f} of ar's forward passes: "
+            f"{verdict}{note}")
+
+
 def exact_match(predicted: str, target: str) -> bool:
     return normalize(predicted) == normalize(target)
 
@@ -566,13 +593,16 @@ def main(argv: list[str] | None = None) -> int:
     summaries = group_summaries(records)
     print(f"model {infiller.model_dir} ({infiller.info()['parameters']:,} parameters, {infiller.info()['device']})")
     print(format_table(summaries))
+    target = target_check(summaries)
+    if target:
+        print(format_target(target))
     if args.out:
         from ..bench.common import header
 
         out = {**header("eval", argv, infiller.info()["device"]), "model": str(infiller.model_dir), "tasks": str(args.corpus or args.tasks or DEFAULT_TASKS),
                "sampler": infiller.defaults.to_dict(),
                "overrides": {k: v for k, v in overrides.items() if v is not None},
-               "summary": summaries, "records": [r.to_dict() for r in records]}
+               "summary": summaries, "target": target, "records": [r.to_dict() for r in records]}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
         print(f"wrote {args.out}")
