@@ -281,6 +281,26 @@ def test_resume_gives_the_same_next_step_loss(tokenizer, corpus_dir, tmp_path):
     assert (split / "latest" / "tokenizer.json").exists()
 
 
+def test_loader_workers_give_the_same_run(tokenizer, corpus_dir, tmp_path):
+    here, workers = tmp_path / "here", tmp_path / "workers"
+    loop.train(_run_cfg(corpus_dir, here, steps=3, eval_batches=0), tokenizer, progress=False)
+    loop.train(_run_cfg(corpus_dir, workers, steps=3, eval_batches=0, loader_workers=2), tokenizer, progress=False)
+    assert _losses(here) == _losses(workers)  # same batches in the same order: the data position is the step
+
+
+def test_step_batches_arrive_in_step_order_from_several_workers(tokenizer, corpus_dir):
+    import functools
+
+    make = functools.partial(E.Batches, E.Corpus(corpus_dir / "train.jsonl"), tokenizer, CFG, 5)
+    loader = torch.utils.data.DataLoader(E.StepBatches(make, first_step=3, last_step=9), batch_size=None,
+                                         num_workers=2)
+    got = list(loader)
+    assert [s for s, _ in got] == list(range(3, 9))
+    direct = make()
+    for step, batch in got:
+        assert torch.equal(batch["tokens"], direct.batch(step)["tokens"])
+
+
 def test_init_from_starts_a_fresh_run_from_weights(tokenizer, corpus_dir, tmp_path):
     first, second = tmp_path / "a", tmp_path / "b"
     loop.train(_run_cfg(corpus_dir, first, steps=2, eval_batches=0), tokenizer, progress=False)

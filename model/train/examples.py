@@ -470,6 +470,27 @@ class Batches:
         return build_batch(files, self.tokenizer, rng, self.cfg, neighbours=self.neighbours)
 
 
+class StepBatches(torch.utils.data.IterableDataset):
+    """Batches of steps first_step, first_step + 1, ... built by DataLoader workers, in step order.
+
+    Worker w of k builds steps first_step + w, + w + k, ...; a DataLoader takes one item from each
+    worker in turn, so the steps arrive in order and each batch is still `Batches.batch(step)`:
+    resuming is unchanged. `make_batches` runs in each worker (its own file handle and index) and
+    must be picklable (a module-level function, or a functools.partial of one).
+    """
+
+    def __init__(self, make_batches, first_step: int, last_step: int = 2**62):
+        super().__init__()
+        self.make_batches, self.first_step, self.last_step = make_batches, first_step, last_step
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        batches = self.make_batches()
+        for step in range(self.first_step + worker, self.last_step, workers):
+            yield step, batches.batch(step)
+
+
 def build_batch(files: list[Source | str], tokenizer, rng: random.Random, cfg: ExampleConfig,
                 keep: list[Example] | None = None, neighbours=None) -> dict[str, Tensor]:
     """Fill batch_size rows with examples drawn round-robin from `files`.
