@@ -7,7 +7,9 @@ ceilings  the device's memory bandwidth (a large copy) and matrix rate (bf16 on 
 large     a 7B-class architecture (the Qwen2-7B shapes that Dream, Dream-Coder and DiffuCoder use)
           with random weights (speed does not depend on the values) in dlm-ls's own layout, through
           the Engine: single-line (16 tokens) and 64-token infill after a 2k-token context, at a
-          fixed step count, `parallel` and `ar`; latency, tokens per second, and each against its floor.
+          fixed step count, `parallel` and `ar`; then the same cases through the Dream-family path
+          (natural order, dual cache) that downloaded checkpoints take; latency, tokens per second,
+          and each against its floor.
 
 The floors are arithmetic on measured ceilings, not timings. Knows the network's shapes and the
 engine's job API; knows nothing of text or the server.
@@ -145,8 +147,45 @@ def large_options(strategy: str, tokens: int, block: int, steps: int) -> Sampler
                          canvas_lengths=(min(tokens, block),), max_tokens=tokens, min_tokens=tokens)
 
 
+def measure_natural_order(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, ceilings: dict[str, Any],
+                          context: int, reps: int, cases=LARGE_CASES) -> list[dict[str, Any]]:
+    """The same cases through the Dream-family path (natural order, full attention, dual cache;
+    model/dual_cache.py), as a downloaded DiffuCoder or Dream-Coder runs: random weights with the
+    Dream layout's q/k/v biases. The prefix takes 3/4 of the context, the suffix the rest."""
+    import dataclasses
+
+    from .. import tokens as T
+    from ..dual_cache import refine_natural_order
+
+    ncfg = dataclasses.replace(cfg, layout="dream", logits_shift=True, mask_id=cfg.vocab_size - 1)
+    model = random_model(ncfg, device, dtype)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(T.NUM_SPECIAL, cfg.vocab_size - 1, (context,), generator=gen).tolist()
+    prefix, suffix = ids[: context * 3 // 4], ids[context * 3 // 4:]
+    nbytes = DTYPE_BYTES[dtype]
+    rows = []
+    for name, n, block, steps in cases:
+        nfe = []
+
+        def run() -> None:
+            _, passes = refine_natural_order(model, prefix, suffix, n, block, 1.0, steps, ncfg.mask_id, True)
+            nfe.append(passes)
+
+        ms = _median_ms(run, device, reps, warmup=1)
+        blocks = (n + block - 1) // block
+        # per block: one full pass over the whole sequence (it refreshes the cache), then the
+        # block's other steps over the cached prefix, suffix and other slots
+        floor = blocks * (step_floor(ncfg, 0, context + n, ceilings, nbytes).ms
+                          + (steps - 1) * step_floor(ncfg, context + n - block, block, ceilings, nbytes).ms)
+        rows.append({"case": name, "strategy": "dream (dual cache)", "tokens": n, "nfe": nfe[-1],
+                     "expected_steps": blocks * steps, "latency_ms": ms, "tokens_per_s": n / (ms / 1e3),
+                     "floor_ms": floor, "x_floor": ms / floor})
+    del model
+    return rows
+
+
 def measure_large(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, ceilings: dict[str, Any],
-                  context: int = 2048, reps: int = 5, cases=LARGE_CASES) -> dict[str, Any]:
+                  context: int = 2048, reps: int = 5, cases=LARGE_CASES, natural_order: bool = True) -> dict[str, Any]:
     from .. import layout
     from .. import tokens as T
     from ..engine import Engine
@@ -191,6 +230,10 @@ def measure_large(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, ce
         par, ar = by[(name, "parallel")], by[(name, "ar")]
         par["speedup_vs_ar"] = ar["latency_ms"] / par["latency_ms"]
     del engine, model
+    if natural_order:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        rows += measure_natural_order(cfg, device, dtype, ceilings, context, reps, cases)
     return {"arch": {k: v for k, v in cfg.to_dict().items() if k != "special_ids"}, "parameters": cfg.num_parameters(),
             "dtype": str(dtype).replace("torch.", ""), "context": context, "prefill_ms": prefill_ms,
             "prefill_floor_ms": step_floor(cfg, 0, context, ceilings, nbytes).ms, "reps": reps, "rows": rows}
