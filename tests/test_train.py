@@ -356,3 +356,18 @@ def test_elbo_loss_weights_masked_slots_by_one_over_t(tokenizer):
     sel = b["targets"] >= 0
     per_example = torch.zeros(int(b["example"][sel].max()) + 1).index_add_(0, b["example"][sel], b["weights"][sel])
     assert (per_example[per_example > 0] > 0).all() and int((per_example > 0).sum()) == int(b["n_examples"])
+
+
+def test_pad_weight_tilts_the_mean_loss_toward_real_tokens(tokenizer):
+    model = _tiny_model()
+    b = E.build_batch(_sources(), tokenizer, random.Random(2), CFG)
+    sel = b["targets"] >= 0
+    is_pad = b["targets"][sel] == T.PAD_ID
+    assert is_pad.any() and (~is_pad).any()
+    with torch.no_grad():
+        plain = loop.compute_losses(model, b, loop.TrainConfig(ctx_loss_weight=0))
+        no_pad = loop.compute_losses(model, b, loop.TrainConfig(ctx_loss_weight=0, pad_weight=0.0))
+        h = model.hidden(b["tokens"], b["positions"], b["mask"])[0]
+        ce = torch.nn.functional.cross_entropy(model.lm_head(h[sel]).float(), b["targets"][sel], reduction="none")
+    assert float(no_pad["loss"]) == pytest.approx(float(ce[~is_pad].mean()), rel=1e-5)  # PAD slots count for nothing
+    assert float(no_pad["canvas_loss"]) == pytest.approx(float(plain["canvas_loss"]))  # the logged mean is unchanged

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import load
+from .. import tokens as T
 from ..config import ModelConfig
 from ..network import DiffusionLM
 from .examples import Batches, Corpus, ExampleConfig, StepBatches
@@ -72,6 +73,11 @@ class TrainConfig:
     # CPU run can ill afford, so "mean" is the default (as in several diffusion LM codebases' finetunes).
     loss: str = "mean"
     ctx_loss_weight: float = 0.25  # next-token loss on context positions: almost free (the context is causal)
+    # Weight of canvas slots whose target is PAD in the "mean" loss (1: plain mean). A short middle in
+    # a 32-slot canvas is mostly PAD, easy slots that can dominate the loss of an undertrained model
+    # (docs/training.md); below 1 tilts the loss toward the middle's real tokens. The logged
+    # canvas_loss stays the plain mean, so runs with different weights compare.
+    pad_weight: float = 1.0
     ctx_fraction: float = 0.25  # share of context positions scored: each costs a vocab-wide output row
     # Share of single-hole examples that try for a cross-file preamble (chunks of other files of the
     # package, formatted as the server's extra context; train/neighbours.py). 0 turns it off.
@@ -118,7 +124,13 @@ def compute_losses(model: DiffusionLM, batch: dict[str, Tensor], cfg: TrainConfi
     canvas = ce.mean()
     elbo = (ce * b["weights"][sel]).sum() / b["n_examples"].clamp(min=1)
     out = {"canvas_loss": canvas, "elbo": elbo}
-    objective = elbo if cfg.loss == "elbo" else canvas
+    if cfg.loss == "elbo":
+        objective = elbo
+    elif cfg.pad_weight != 1.0:
+        w = torch.where(b["targets"][sel] == T.PAD_ID, cfg.pad_weight, 1.0)
+        objective = (ce * w).sum() / w.sum().clamp(min=1e-6)
+    else:
+        objective = canvas
     csel = b["ctx_targets"] >= 0
     if cfg.ctx_loss_weight > 0 and bool(csel.any()):
         ctx = F.cross_entropy(model.lm_head(h[csel]).float(), b["ctx_targets"][csel])
