@@ -35,6 +35,7 @@ in this process); the language server itself never does.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import random
 import statistics
@@ -175,7 +176,8 @@ def run_task(inf, task: Task, settings: Settings, with_chunks: bool) -> dict:
     doc = D.Document(task.uri, task.text, "python")
     max_chars = prompt_chars(inf.max_context_tokens or DEFAULT_CONTEXT_TOKENS)
     budget = min(settings.extra_context_chars, int(max_chars * EXTRA_CONTEXT_SHARE))
-    preamble = extra_context_preamble(doc, task.offset, task.others, budget, task.root) if with_chunks else ""
+    preamble = extra_context_preamble(doc, task.offset, task.others, budget, task.root,
+                                      settings.extra_context_min_score) if with_chunks else ""
     plan = plan_completion(doc, task.offset, settings, preamble, max_chars)
     if plan is None:
         return {"task": task.name, "kind": task.kind, "suggestion": None, "exact": False, "similarity": 0.0,
@@ -217,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--tasks", type=int, default=48)
     p.add_argument("--heldout", type=int, default=0, help="also this many held-out single-line tasks (real code)")
+    p.add_argument("--min-score", type=float, default=None,
+                   help="extra_context_min_score for this run (default: the server's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--out", help="results folder (default bench/results)")
@@ -234,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
     inf = Infiller(model_dir, device=args.device)
     settings = Settings()
+    if args.min_score is not None:
+        settings = dataclasses.replace(settings, extra_context_min_score=args.min_score)
     tasks = build_tasks(args.tasks, args.seed)
     heldout = build_heldout_tasks(args.heldout) if args.heldout else []
     runs = {label: [run_task(inf, t, settings, label == "with") for t in tasks] for label in ("without", "with")}
@@ -243,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     result["command"] = " ".join(["python -m dlm_ls.lsp_server.bench_extra_context", *(argv or sys.argv[1:])])
     result.update(model=model_label(model_dir), tasks=len(tasks), seed=args.seed,
                   extra_context_chars=settings.extra_context_chars,
+                  extra_context_min_score=settings.extra_context_min_score,
                   summary={label: summarize(rows) for label, rows in runs.items()},
                   by_kind={label: {k: summarize([r for r in rows if r["kind"] == k]) for k in KINDS}
                            for label, rows in runs.items()},

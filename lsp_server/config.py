@@ -51,6 +51,9 @@ class Settings:
     # Chunks of other open documents shown to the model before the prefix (extra_context.py); they
     # take this many characters of the prefix's budget (0 = none).
     extra_context_chars: int = 1500
+    # Chunks scoring below this are left out (extra_context.py: identifier overlap 0..1, +1 for a
+    # chunk that defines a name the cursor line uses, +0.2/+0.5 for imported modules and names).
+    extra_context_min_score: float = 0.0
     hole_marker: str = "<|hole|>"  # dlm/fill fills every occurrence ...
     python_ellipsis_holes: bool = True  # ... and, in Python, every lone `...` statement
     # Sampler overrides (None = the model's sampler.json):
@@ -129,7 +132,8 @@ _CHOICES = {
 _INTS = {"debounce_ms", "max_context_chars", "max_syntax_chars", "max_context_tokens", "max_jobs", "max_steps",
          "block_size", "max_tokens", "cache_entries", "warm_delay_ms", "extra_context_chars"}
 _ZERO_OK = {"debounce_ms", "cache_entries", "warm_delay_ms", "extra_context_chars"}  # 0 switches the feature off
-_FLOATS = {"idle_timeout_s", "spawn_timeout_s", "request_timeout_s", "threshold", "temperature"}
+_FLOATS = {"idle_timeout_s", "spawn_timeout_s", "request_timeout_s", "threshold", "temperature",
+           "extra_context_min_score"}
 _BOOLS = {"in_process", "stream_refinement", "speculative", "warm", "python_ellipsis_holes", "parse_filter",
           "captured_step"}
 

@@ -175,10 +175,11 @@ def _path_matches(path: str, suffix: str) -> bool:
 
 def select_chunks(current_text: str, offset: int, language_id: str, others: dict[str, str],
                   budget_chars: int, current_uri: str | None = None,
-                  root: str | None = None) -> list[Chunk]:
+                  root: str | None = None, min_score: float = 0.0) -> list[Chunk]:
     """Chunks of ``others`` (uri -> text), most relevant first, whose formatted preamble
     (``format_chunks`` with the same ``root``) fits in ``budget_chars``. ``current_uri`` resolves
-    relative imports and is skipped if it is among ``others``."""
+    relative imports and is skipped if it is among ``others``. Chunks scoring under ``min_score``
+    are left out (a score of 1 or more means the chunk defines a name the cursor line uses)."""
     if budget_chars <= 0 or not others:
         return []
     query = identifiers(_lines_around(current_text, offset, QUERY_LINES_BEFORE, QUERY_LINES_AFTER))
@@ -193,6 +194,7 @@ def select_chunks(current_text: str, offset: int, language_id: str, others: dict
         if uri == current_uri or not text.strip():
             continue
         scored.extend(_score_windows(uri, text, query, cursor_names, imports.get(uri)))
+    scored = [c for c in scored if c.score >= min_score]  # below it a chunk is more noise than help
     scored.sort(key=lambda c: (-c.score, c.uri, c.start_line))
 
     chosen: list[Chunk] = []

@@ -130,13 +130,13 @@ def prompt_chars(context_tokens: int | None) -> int:
 
 
 def extra_context_preamble(doc: D.Document, offset: int, others: dict[str, str], budget_chars: int,
-                           root: str | None = None) -> str:
+                           root: str | None = None, min_score: float = 0.0) -> str:
     """Chunks of `others` (uri -> text) most relevant to the cursor, formatted as comments; "" for none."""
     if budget_chars <= 0 or not others:
         return ""
     from . import extra_context as X
 
-    chunks = X.select_chunks(doc.text, offset, doc.language_id, others, budget_chars, doc.uri, root)
+    chunks = X.select_chunks(doc.text, offset, doc.language_id, others, budget_chars, doc.uri, root, min_score)
     return X.format_chunks(chunks, doc.language_id, root)
 
 
@@ -482,7 +482,8 @@ class DlmServer(LanguageServer):
         key = (doc.uri, line, budget, tuple(sorted((u, d.version, len(d.text)) for u, d in others.items())))
         text = self._preambles.get(key)
         if text is None:
-            text = extra_context_preamble(doc, offset, {u: d.text for u, d in others.items()}, budget, self.root_uri)
+            text = extra_context_preamble(doc, offset, {u: d.text for u, d in others.items()}, budget, self.root_uri,
+                                          self.settings.extra_context_min_score)
             self._preambles[key] = text
             while len(self._preambles) > PREAMBLE_MEMO:
                 self._preambles.popitem(last=False)

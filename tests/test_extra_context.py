@@ -147,3 +147,12 @@ def test_extra_context_benchmark_runs_end_to_end_on_a_tiny_model(tiny_model_dir,
     assert held["tasks"] == 2 and held["summary"]["with"]["preamble_chars_mean"] > 0  # installed modules as chunks
     assert {r["task"] for r in held["rows"]["with"]} == {r["task"] for r in held["rows"]["without"]}
     assert "more likely with the chunks" in capsys.readouterr().out
+
+
+def test_min_score_keeps_only_chunks_that_define_what_the_cursor_uses():
+    text, offset = cursor(CURRENT)
+    others = {"file:///utils.py": UTILS, "file:///noise.py": "import os\n\n\ndef walk(root, path):\n    return os.listdir(root)\n"}
+    every = select_chunks(text, offset, "python", others, budget_chars=5000)
+    strict = select_chunks(text, offset, "python", others, budget_chars=5000, min_score=1.0)
+    assert strict and all(c.score >= 1.0 for c in strict) and len(strict) < len(every)
+    assert "def parse_config" in strict[0].text and all(c.uri == "file:///utils.py" for c in strict)
