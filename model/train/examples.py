@@ -13,8 +13,10 @@ the loop token ids, targets, flags and weights as tensors.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -415,27 +417,36 @@ DUMMY_EXAMPLE = 1_000_000  # example id of a row's padding
 
 
 class Corpus:
-    """A JSON-lines split read lazily by byte offset: a site-packages corpus need not fit in memory."""
+    """A JSON-lines split read lazily by byte offset: a site-packages corpus need not fit in memory.
+
+    Reads are positional (`os.pread`), never seek-then-read, so one Corpus can be shared by threads
+    and by forked DataLoader workers, which share its file offset.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.offsets: list[int] = []
+        self.lengths: list[int] = []
         with open(self.path, "rb") as f:
             pos = 0
             for line in f:
                 if line.strip():
                     self.offsets.append(pos)
+                    self.lengths.append(len(line))
                 pos += len(line)
         if not self.offsets:
             raise ValueError(f"{self.path} holds no files")
-        self._f = open(self.path, "rb")
+        self._fd = os.open(self.path, os.O_RDONLY)
 
     def __len__(self) -> int:
         return len(self.offsets)
 
+    def __del__(self):
+        with contextlib.suppress(AttributeError, OSError):
+            os.close(self._fd)
+
     def record(self, i: int) -> dict:
-        self._f.seek(self.offsets[i])
-        return json.loads(self._f.readline())
+        return json.loads(os.pread(self._fd, self.lengths[i], self.offsets[i]))
 
     def text(self, i: int) -> str:
         return self.record(i)["text"]
