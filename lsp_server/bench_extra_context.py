@@ -92,7 +92,7 @@ def build_tasks(n: int, seed: int = 0) -> list[Task]:
         names = set()
         while len(names) < 5:
             names.add(f"{rng.choice(VERBS)}_{rng.choice(NOUNS)}")
-        target, *distractors = sorted(names, key=lambda _: rng.random())
+        target, *distractors = sorted(sorted(names), key=lambda _: rng.random())  # sorted first: set order varies by process
         params = rng.sample(PARAMS, rng.randint(2, 4))
         module = rng.choice(["helpers", "utils", "tools", "common", "support"])
         helper_fns = [(target, params)] + [(d, rng.sample(PARAMS, rng.randint(1, 3))) for d in distractors[:2]]

@@ -186,6 +186,7 @@ def test_eval_command_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     par = [r for r in data["records"] if r["config"] == "parallel"]
     assert data["summary"]["parallel"]["all"]["mean_nfe"] == sum(r["nfe"] for r in par) / len(par)
     assert data["target"]["tasks"] == 1 and "target on 1 line tasks" in printed
+    assert data["likelihood"]["all"]["n"] == 2 and data["likelihood"]["line"]["nll_per_token"] > 0
 
 
 def test_target_check_arithmetic():

@@ -156,3 +156,14 @@ def test_min_score_keeps_only_chunks_that_define_what_the_cursor_uses():
     strict = select_chunks(text, offset, "python", others, budget_chars=5000, min_score=1.0)
     assert strict and all(c.score >= 1.0 for c in strict) and len(strict) < len(every)
     assert "def parse_config" in strict[0].text and all(c.uri == "file:///utils.py" for c in strict)
+
+
+def test_extra_context_tasks_are_the_same_in_every_process():
+    import subprocess
+    import sys
+
+    code = ("from dlm_ls.lsp_server.bench_extra_context import build_tasks;"
+            "print([(t.expected, t.target_def) for t in build_tasks(6)])")
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={"PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
+    assert len(runs) == 1  # string hashing differs per process; the tasks must not

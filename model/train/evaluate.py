@@ -494,6 +494,20 @@ def group_summaries(records: Sequence[Record]) -> dict[str, dict[str, dict]]:
     return out
 
 
+def likelihood(infiller, tasks: Sequence[Task]) -> dict[str, dict]:
+    """Per kind, the true middles' negative log-likelihood per token (nats) under the model, as the
+    `ar` strategy factors it (Infiller.score_middle): it moves long before exact match does, so two
+    weak models can be told apart. Strategy-independent: one pass per task."""
+    by_kind: dict[str, list[dict]] = {}
+    for task in tasks:
+        by_kind.setdefault(task.kind, []).append(infiller.score_middle([task.prefix, task.suffix], task.middle))
+    out = {k: {"n": len(v), "nll_per_token": sum(s["nll"] for s in v) / max(1, sum(s["tokens"] for s in v))}
+           for k, v in sorted(by_kind.items(), key=lambda kv: _kind_order(kv[0]))}
+    every = [s for v in by_kind.values() for s in v]
+    out["all"] = {"n": len(every), "nll_per_token": sum(s["nll"] for s in every) / max(1, sum(s["tokens"] for s in every))}
+    return out
+
+
 def format_table(summaries: dict[str, dict[str, dict]]) -> str:
     cols = [("n", "n", "{:d}"), ("exact", "exact_match", "{:.3f}"), ("parses", "parse_rate", "{:.3f}"),
             ("pass@1", "pass_at_1", "{:.3f}"), ("NFE", "mean_nfe", "{:.1f}"), ("tok/pass", "tokens_per_pass", "{:.2f}"),
@@ -596,13 +610,16 @@ def main(argv: list[str] | None = None) -> int:
     target = target_check(summaries)
     if target:
         print(format_target(target))
+    nll = likelihood(infiller, tasks)
+    print("true middle, nats per token: " + ", ".join(f"{k} {v['nll_per_token']:.3f}" for k, v in nll.items()))
     if args.out:
         from ..bench.common import header
 
         out = {**header("eval", argv, infiller.info()["device"]), "model": str(infiller.model_dir), "tasks": str(args.corpus or args.tasks or DEFAULT_TASKS),
                "sampler": infiller.defaults.to_dict(),
                "overrides": {k: v for k, v in overrides.items() if v is not None},
-               "summary": summaries, "target": target, "records": [r.to_dict() for r in records]}
+               "summary": summaries, "target": target, "likelihood": nll,
+               "records": [r.to_dict() for r in records]}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
         print(f"wrote {args.out}")

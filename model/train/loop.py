@@ -312,7 +312,7 @@ def train(cfg: TrainConfig, tokenizer=None, progress: bool = True) -> dict:
                    mininterval=1.0 if sys.stderr.isatty() else 30.0)
     record: dict = {}
     start = {"event": "start", "step": step, "params": sum(p.numel() for p in model.parameters()),
-             "device": str(dev), "command": "dlm-ls train " + shlex.join(sys.argv[1:]),
+             "device": str(dev), "command": _command_line(),
              "hardware": _hardware(dev), "config": dataclasses.asdict(cfg)}
     print(json.dumps(start), flush=True)
     _log(out, start)  # the data card reads the run's origin from here
@@ -367,6 +367,14 @@ def train(cfg: TrainConfig, tokenizer=None, progress: bool = True) -> dict:
     save_state(model, opt, step, total, cfg, out, tokens_seen)
     print(json.dumps({"event": "done", **record}), flush=True)
     return record
+
+
+def _command_line() -> str:
+    """How this run was started, as `dlm-ls train ...` (the CLI passes its own argv, "train" first)."""
+    args = sys.argv[1:]
+    if args[:1] == ["train"]:
+        args = args[1:]
+    return "dlm-ls train " + shlex.join(args)
 
 
 def _as_tuple(x):

@@ -52,10 +52,10 @@ def _stage_lines(stages: list[dict], last: dict, hours: float) -> list[str]:
         return []
     out = ["The run above started from the weights of earlier runs (`--init-from`), oldest first:", ""]
     for s in stages:
-        if s.get("command") is None:
+        if s.get("missing"):
             out.append(f"- `{s['run']}` (its log is not here)")
             continue
-        out.append(f"- `{s['command']}`: {s['steps']} steps, {s['tokens'] / 1e6:.2f} M tokens, {s['hours']:.2f} hours, "
+        out.append(f"- `{s['run']}`, `{s['command']}`: {s['steps']} steps, {s['tokens'] / 1e6:.2f} M tokens, {s['hours']:.2f} hours, "
                    f"validation loss {s['val_loss']}")
     total_tokens = sum(s.get("tokens") or 0 for s in stages) + last.get("tokens", 0)
     total_hours = sum(s.get("hours") or 0.0 for s in stages) + hours
@@ -87,11 +87,15 @@ def earlier_stages(run: Path, depth: int = 5) -> list[dict]:
         prev = folder.parent if folder.name == "latest" else folder
         start, steps = read_log(prev)
         if not start:
-            stages.append({"run": source, "command": None})
+            stages.append({"run": source, "missing": True})
             break
         last = steps[-1] if steps else {}
         val = [s for s in steps if "val_loss" in s]
-        stages.append({"run": str(prev), "command": start.get("command"), "steps": last.get("step"),
+        c = start.get("config") or {}
+        command = start.get("command") or ("command not logged; config: " + ", ".join(
+            f"{k} {c[k]}" for k in ("preset", "seq_len", "batch_size", "lr", "warmup", "max_minutes", "threads", "seed")
+            if k in c))
+        stages.append({"run": str(prev), "command": command, "steps": last.get("step"),
                        "tokens": last.get("tokens", 0), "hours": last.get("time", 0.0) / 3600.0,
                        "val_loss": val[-1].get("val_loss") if val else None})
         depth -= 1
@@ -99,7 +103,7 @@ def earlier_stages(run: Path, depth: int = 5) -> list[dict]:
 
 
 def data_card(run: Path, checkpoint: Path, manifest: dict, ev: dict | None, extra_note: str,
-              train_command: str | None = None) -> str:
+              train_command: str | None = None, model_cfg: dict | None = None) -> str:
     start, steps = read_log(run)
     if train_command:
         start["command"] = train_command
@@ -107,7 +111,8 @@ def data_card(run: Path, checkpoint: Path, manifest: dict, ev: dict | None, extr
     last = steps[-1] if steps else {}
     val = [s for s in steps if "val_loss" in s]
     hours = (last.get("time", 0.0)) / 3600.0
-    model_cfg = json.loads((checkpoint / "config.json").read_text())
+    if model_cfg is None:
+        model_cfg = json.loads((checkpoint / "config.json").read_text())
     params = start.get("params")
     split_rows = []
     for name, split in manifest.get("splits", {}).items():
@@ -161,6 +166,13 @@ def data_card(run: Path, checkpoint: Path, manifest: dict, ev: dict | None, extr
         lines += [f"Command: `{ev.get('command', '?')}`; {ev.get('date', '?')}; {m.get('cpu', '?')}, "
                   f"{m.get('cpus', '?')} cores, torch {m.get('torch', '?')}, device {m.get('device', '?')}", "",
                   _fmt_eval(ev)]
+        if ev.get("likelihood"):
+            lines += ["", "The true middles' negative log-likelihood under the model (`ar` factorization), nats per "
+                      "token: " + ", ".join(f"{k} {v['nll_per_token']:.3f}" for k, v in ev["likelihood"].items()) + "."]
+        if ev.get("target"):
+            from .evaluate import format_target
+
+            lines += ["", "Issue 3's target: " + format_target(ev["target"]) + "."]
     else:
         lines += ["Not evaluated yet."]
     return "\n".join(lines) + "\n"
@@ -182,7 +194,8 @@ def ship(run: Path, out: Path, eval_json: Path | None, manifest_path: Path, note
     if manifest:
         (tmp / "data_manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     ev = json.loads(eval_json.read_text()) if eval_json and eval_json.exists() else None
-    (tmp / "DATA_CARD.md").write_text(data_card(run, checkpoint, manifest, ev, note, train_command))
+    (tmp / "DATA_CARD.md").write_text(data_card(run, checkpoint, manifest, ev, note, train_command,
+                                                model.config.to_dict()))
     weights = sum(p.stat().st_size for p in tmp.glob("model*.safetensors"))
     if weights > MAX_TOTAL_BYTES:
         raise SystemExit(f"weights are {weights / 2**20:.1f} MB; the repository's budget is 60 MB")
