@@ -63,6 +63,7 @@ request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", d
 # characters a token with the trained tokenizer; 3 errs toward fitting, so chunks shown before the
 # prefix are not the first thing the engine cuts.
 PREFIX_SHARE = 0.75
+SUFFIX_SHARE = 1 - PREFIX_SHARE
 CHARS_PER_TOKEN = 3.0
 DEFAULT_CONTEXT_TOKENS = 2048  # the engine's default when the worker has not said its own
 EXTRA_CONTEXT_SHARE = 1 / 3  # chunks of other documents take at most this much of the prefix budget
@@ -142,12 +143,24 @@ def extra_context_preamble(doc: D.Document, offset: int, others: dict[str, str],
 
 def prompt_window(doc: D.Document, offset: int, settings: Settings, preamble: str = "",
                   max_prompt_chars: int | None = None) -> tuple[str, str]:
-    """The prefix and suffix windows; with a preamble, the prefix gives up its oldest lines so that
-    preamble + prefix fit `max_prompt_chars` (else the engine would cut the preamble first)."""
+    """The prefix and suffix windows, cut at line breaks to what the engine's budget keeps.
+
+    With `max_prompt_chars` (from the worker's token budget), the prefix gives up its oldest whole
+    lines so that preamble + prefix fit it, and the suffix its last lines so that it fits its share.
+    Were they left longer, the engine would cut them token by token, and the prefix's first kept
+    token would move with every keystroke: the worker's context cache (longest common prefix)
+    would then recompute the whole prefix per key. Cut at lines, the window start moves once per
+    line, and only the typed tail is recomputed. (It also keeps a preamble from being cut first.)
+    """
     prefix, suffix = D.context_window(doc.text, offset, settings.max_context_chars)
-    if preamble and max_prompt_chars is not None and len(preamble) + len(prefix) > max_prompt_chars:
+    if max_prompt_chars is None:
+        return prefix, suffix
+    if len(preamble) + len(prefix) > max_prompt_chars:
         room = max(0, max_prompt_chars - len(preamble))
         prefix = D.context_window(prefix, len(prefix), room)[0]
+    suffix_room = int(max_prompt_chars * SUFFIX_SHARE / PREFIX_SHARE)
+    if len(suffix) > suffix_room:
+        suffix = D.context_window(suffix, 0, suffix_room)[1]
     return prefix, suffix
 
 
@@ -463,20 +476,20 @@ class DlmServer(LanguageServer):
         self.policy.counters["speculations_done"] += 1
         log.info("speculated in %.0f ms: %r", outcome.ms, (outcome.text or "")[:80])
 
-    def preamble(self, doc: D.Document, offset: int) -> tuple[str, int | None]:
-        """Chunks of the other open documents of the same language for this cursor, and the
-        characters that preamble and prefix may take together; ("", None) when there are none.
+    def preamble(self, doc: D.Document, offset: int) -> tuple[str, int]:
+        """Chunks of the other open documents of the same language for this cursor ("" for none),
+        and the characters that preamble and prefix may take together (prompt_window).
 
         Kept per (document, cursor line, versions of the others): the chunks stay the same while the
         user types along a line, so the worker's context cache keeps reusing the prompt, and
         ranking does not run on every keystroke."""
+        max_chars = prompt_chars(self.context_tokens)
         budget = self.settings.extra_context_chars
         if budget <= 0:
-            return "", None
+            return "", max_chars
         others = {u: d for u, d in self.docs.docs.items() if u != doc.uri and d.language_id == doc.language_id}
         if not others:
-            return "", None
-        max_chars = prompt_chars(self.context_tokens)
+            return "", max_chars
         budget = min(budget, int(max_chars * EXTRA_CONTEXT_SHARE))
         line = bisect.bisect_right(doc.starts, offset) - 1
         key = (doc.uri, line, budget, tuple(sorted((u, d.version, len(d.text)) for u, d in others.items())))

@@ -100,3 +100,21 @@ def test_plan_skips_comments_and_cleans_line_middles():
     assert plan.overrides["max_tokens"] == 5  # the user's setting wins over the region's budget
     assert finish_completion(doc, offset, plan, "x + 1\n    more") == "x + 1"
     assert finish_completion(doc, offset, plan, "   ") is None
+
+
+def test_prompt_window_cuts_at_lines_so_typing_keeps_the_window_start():
+    from dlm_ls.lsp_server.server import SUFFIX_SHARE, PREFIX_SHARE, prompt_window
+
+    body = "".join(f"value_{i} = compute(alpha, beta, {i})\n" for i in range(400))
+    text = body + "result = \n" + body
+    offset = len(body) + len("result = ")
+    doc = D.Document("file:///w/a.py", text, "python")
+    prefix, suffix = prompt_window(doc, offset, Settings(), "", 1000)
+    assert len(prefix) <= 1000 and len(suffix) <= 1000 * SUFFIX_SHARE / PREFIX_SHARE
+    assert text[offset - len(prefix) - 1] == "\n" and prefix.endswith("result = ")  # whole lines, up to the cursor
+    assert suffix.startswith("\n") and suffix.endswith("\n")
+    typed = D.Document("file:///w/a.py", text[:offset] + "x" + text[offset:], "python")
+    prefix2, suffix2 = prompt_window(typed, offset + 1, Settings(), "", 1000)
+    assert prefix2 == prefix + "x" and suffix2 == suffix  # one more key: the cache reuses all but the tail
+    with_chunks, _ = prompt_window(doc, offset, Settings(), "# chunk\n" * 50, 1000)
+    assert len(with_chunks) + 400 <= 1000 and prefix.endswith(with_chunks)  # room made for the preamble
