@@ -245,9 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = {label: [run_task(inf, t, settings, label == "with") for t in tasks] for label in ("without", "with")}
     real = {label: [run_task(inf, t, settings, label == "with") for t in heldout] for label in ("without", "with")}
 
-    result = header("extra_context", argv, str(inf.engine.device))
-    result["command"] = " ".join(["python -m dlm_ls.lsp_server.bench_extra_context", *(argv or sys.argv[1:])])
-    result.update(model=model_label(model_dir), tasks=len(tasks), seed=args.seed,
+    result = header("extra_context", argv, str(inf.engine.device), "python -m dlm_ls.lsp_server.bench_extra_context")
+    result.update(model={"path": model_label(model_dir)}, tasks=len(tasks), seed=args.seed,
                   extra_context_chars=settings.extra_context_chars,
                   extra_context_min_score=settings.extra_context_min_score,
                   summary={label: summarize(rows) for label, rows in runs.items()},
@@ -269,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             s = result["heldout"]["summary"][label]
             lines.append([label, "held-out", f"line x{s['tasks']}", s["exact_match"], s["similarity"],
                           s["nll_per_token"], "-", s["ms_mean"], s["preamble_chars_mean"]])
-    print(f"extra context on {len(tasks)} call tasks and {len(heldout)} held-out lines, model {result['model']}, "
+    print(f"extra context on {len(tasks)} call tasks and {len(heldout)} held-out lines, model {result['model']['path']}, "
           f"device {inf.engine.device}")
     print(table(lines, head))
     print(f"expected text more likely with the chunks in {result['nll_lower_with_chunks']:.0%} of the call tasks"

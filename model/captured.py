@@ -55,13 +55,13 @@ class _Static:
 class CapturedStep:
     """Call it like the network's forward for a step: (tokens, positions, mask, past) -> (logits, new_kv)."""
 
-    def __init__(self, model: torch.nn.Module, capture: bool | None = None, pad_id: int = 1):
+    def __init__(self, model: torch.nn.Module, capture: bool | None = None):
         self.model = model
         self.device = next(model.parameters()).device
         self.capture = (self.device.type == "cuda") if capture is None else capture
         if self.capture and self.device.type != "cuda":
             raise ValueError("a CUDA graph needs the model on a CUDA device")
-        self.pad_id = pad_id
+        self.pad_id = model.config.pad_id
         self._static: dict[tuple, _Static] = {}
         self._pool = None
         self.captures = 0  # graphs captured so far
@@ -77,7 +77,7 @@ class CapturedStep:
         segs = tuple((k.shape[0] == 1 and B > 1, _round_up(k.shape[2], PAST_BUCKET)) for k, _ in segments)
         return rows, width, segs
 
-    def _buffers(self, key: tuple, like_past: list[list[KV]], dtype: torch.dtype) -> _Static:
+    def _buffers(self, key: tuple, like_past: list[list[KV]]) -> _Static:
         rows, width, segs = key
         dev = self.device
         total = sum(s for _, s in segs)
@@ -96,7 +96,7 @@ class CapturedStep:
 
     def _fill(self, st: _Static, tokens: Tensor, positions: Tensor, mask: Tensor, past: list[list[KV]]) -> None:
         B, T = tokens.shape
-        rows, width = st.tokens.shape
+        width = st.tokens.shape[1]
         st.tokens.fill_(self.pad_id)
         st.tokens[:B, :T] = tokens
         st.positions.zero_()
@@ -127,7 +127,7 @@ class CapturedStep:
         key = self.bucket(B, T, past[0])
         st = self._static.get(key)
         if st is None:
-            st = self._buffers(key, past, next(self.model.parameters()).dtype)
+            st = self._buffers(key, past)
             if len(self._static) < MAX_GRAPHS:  # past that, a fresh eager buffer set per step
                 self._static[key] = st
         self._fill(st, tokens.to(self.device), positions.to(self.device), mask, past)

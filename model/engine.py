@@ -120,7 +120,7 @@ class Engine:
         if captured_step:
             from .captured import CapturedStep
 
-            self.captured = CapturedStep(model, pad_id=model.config.pad_id)
+            self.captured = CapturedStep(model)
         self.config = model.config
         self.device = next(model.parameters()).device
         self.cache = ContextCacheStore(cache_budget_bytes)

@@ -12,11 +12,11 @@ Knows text and token ids; knows nothing of LSP, documents or editors.
 from __future__ import annotations
 
 import time
-
-import torch
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+import torch
 
 from . import layout
 from . import tokens as T
@@ -33,7 +33,7 @@ DEFAULT_MAX_CONTEXT_TOKENS = 2048  # for a model that does not say how long its 
 def default_context_tokens(model_config, sampler: SamplerConfig) -> int:
     """The context budget to use when none is asked for: the trained row length, less room for the
     middle (committed blocks and the canvas), or DEFAULT_MAX_CONTEXT_TOKENS when it is not known."""
-    trained = getattr(model_config, "trained_context", None)
+    trained = model_config.trained_context
     if not trained:
         return DEFAULT_MAX_CONTEXT_TOKENS
     room = max(sampler.max_tokens, max(sampler.canvas_lengths))

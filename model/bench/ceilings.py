@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 
 from ..config import ModelConfig, SamplerConfig
+from .common import sync
 
 # The Qwen2-7B shapes (Dream-v0-7B, Dream-Coder-v0-7B, DiffuCoder-7B): about 7.6B parameters.
 ARCHS: dict[str, dict[str, Any]] = {
@@ -37,20 +38,15 @@ LARGE_CASES = (("line", 16, 16, 4), ("64-token", 64, 32, 4))
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _median_ms(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
@@ -196,10 +192,10 @@ def measure_large(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, ce
     ids = torch.randint(T.NUM_SPECIAL, cfg.vocab_size, (context - 3,), generator=gen).tolist()
     ctx = layout.single_hole_context(ids, [])
     key = "bench-large"
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     engine.prefill(key, ctx)
-    _sync(device)
+    sync(device)
     prefill_ms = (time.perf_counter() - t0) * 1e3
     nbytes = DTYPE_BYTES[dtype]
     rows = []

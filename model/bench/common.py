@@ -108,11 +108,20 @@ def device_kind(device: str) -> str:
     return "cuda" if str(device).startswith("cuda") else "cpu"
 
 
-def header(benchmark: str, argv: list[str] | None, device: str) -> dict[str, Any]:
+def sync(device) -> None:
+    """Wait for the GPU, so that a wall-clock timing covers the work and not just its launch."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def header(benchmark: str, argv: list[str] | None, device: str, program: str = "dlm-ls bench") -> dict[str, Any]:
+    """What every result file starts with; `program` is the command the arguments were given to."""
     argv = list(sys.argv[1:] if argv is None else argv)
     return {"benchmark": benchmark,
             "date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
-            "command": ("dlm-ls eval " if benchmark == "eval" else "dlm-ls bench ") + shlex.join(argv),
+            "command": f"{program} {shlex.join(argv)}",
             "git": git_info(), "machine": machine_info(device)}
 
 

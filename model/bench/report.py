@@ -61,8 +61,6 @@ def _md(rows: list[list[str]], head: list[str], align: str | None = None) -> str
 def provenance(d: dict) -> str:
     m, g = d["machine"], d.get("git") or {}
     model = d.get("model") or {}
-    if isinstance(model, str):  # extra_context names its model by path alone
-        model = {"path": model}
     params = model.get("parameters")
     where = m.get("gpu") if str(m.get("device", "")).startswith("cuda") else f"{m.get('cpu')} ({m.get('cpus')} CPUs)"
     commit = (g.get("commit") or "unknown")[:10] + (" (uncommitted changes)" if g.get("dirty") else "")
@@ -175,13 +173,13 @@ def large_section(d: dict) -> str:
 
 def extra_context_section(d: dict) -> str:
     rows = [["call", label, _f(s["exact_match"]), _f(s["similarity"]), _f(s["nll_per_token"]), _f(s["chunk_found"], 2)]
-            for label, s in d["summary"].items() if "nll_per_token" in s]
+            for label, s in d["summary"].items()]
     held = d.get("heldout")
     if held:
         rows += [[f"held-out line x{s['tasks']}", label, _f(s["exact_match"]), _f(s["similarity"]),
                   _f(s["nll_per_token"]), "–"] for label, s in held["summary"].items()]
     return "\n".join([f"**Extra context** ({d['tasks']} call-completion tasks whose argument order is written only in "
-                      f"another open document; model {d['model']}): the expected text was likelier with the chunks in "
+                      f"another open document; model {d['model']['path']}): the expected text was likelier with the chunks in "
                       f"{_f(d.get('nll_lower_with_chunks'), 2)} of the tasks"
                       + (f", and in {_f(held['nll_lower_with_chunks'], 2)} of {held['tasks']} held-out single-line "
                          "tasks with the package's other modules open" if held else "") + ".", "",

@@ -19,14 +19,7 @@ from typing import Sequence
 
 from ..config import SamplerConfig
 from . import latency
-from .common import table
-
-
-def _sync(device) -> None:
-    if str(device).startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
+from .common import sync, table
 
 
 def _context(infiller, length: int) -> list[int]:
@@ -41,7 +34,6 @@ def _context(infiller, length: int) -> list[int]:
 
 def measure(infiller, contexts: Sequence[int], canvases: Sequence[int], reps: int = 10, warmup: int = 2) -> dict:
     engine = infiller.engine
-    dev = engine.device
     # Timing only: contexts past the model's trained budget cost the same as any others, so the
     # engine's limit is lifted for the measurement (and put back).
     limit = engine.max_context_tokens
@@ -59,10 +51,10 @@ def _measure(infiller, contexts: Sequence[int], canvases: Sequence[int], reps: i
     for L in contexts:
         ctx = _context(infiller, L)
         key = f"bench-step:{L}"
-        _sync(dev)
+        sync(dev)
         t0 = time.perf_counter()
         engine.prefill(key, ctx)
-        _sync(dev)
+        sync(dev)
         prefill_ms = (time.perf_counter() - t0) * 1000.0
         for C in canvases:
             opts = SamplerConfig(strategy="parallel", threshold=1.0, max_steps=C + 1, block_size=C,
@@ -72,10 +64,10 @@ def _measure(infiller, contexts: Sequence[int], canvases: Sequence[int], reps: i
             for i in range(warmup + reps):
                 if job is None or job.done:
                     job = engine.start(ctx, opts, key)
-                _sync(dev)
+                sync(dev)
                 t0 = time.perf_counter()
                 engine.step([job])
-                _sync(dev)
+                sync(dev)
                 if i >= warmup:
                     times.append((time.perf_counter() - t0) * 1000.0)
             if not job.done:

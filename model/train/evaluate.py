@@ -615,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         from ..bench.common import header
 
-        out = {**header("eval", argv, infiller.info()["device"]), "model": str(infiller.model_dir), "tasks": str(args.corpus or args.tasks or DEFAULT_TASKS),
+        out = {**header("eval", argv, infiller.info()["device"], "dlm-ls eval"), "model": str(infiller.model_dir), "tasks": str(args.corpus or args.tasks or DEFAULT_TASKS),
                "sampler": infiller.defaults.to_dict(),
                "overrides": {k: v for k, v in overrides.items() if v is not None},
                "summary": summaries, "target": target, "likelihood": nll,

@@ -246,12 +246,12 @@ def single_hole_example(src: Source, span: tuple[int, int], tokenizer, rng: rand
     if room < 8:
         return None
     budget = _draw_budget(rng, cfg, room)
-    preamble = _preamble(src, s, e, tokenizer, rng, neighbours, budget, room)
+    preamble = _preamble(src, s, e, tokenizer, rng, neighbours, room)
     budget = max(budget, min(room, 2 * len(preamble)))  # a preamble never leaves the prefix with nothing
     prefix_text, suffix_text = _window(text, s, e, cfg.window_chars_per_token * budget + 256)
-    prefix, suffix = layout.truncate_context(_encode(tokenizer, prefix_text), _encode(tokenizer, suffix_text),
-                                             budget - len(preamble))
-    if preamble and prefix_text and len(prefix) < len(_encode(tokenizer, prefix_text)):
+    whole_prefix = _encode(tokenizer, prefix_text)
+    prefix, suffix = layout.truncate_context(whole_prefix, _encode(tokenizer, suffix_text), budget - len(preamble))
+    if preamble and len(prefix) < len(whole_prefix):
         prefix = _from_line_start(prefix, tokenizer)  # the server puts whole lines after its preamble
     context = layout.single_hole_context(preamble + prefix, suffix) + committed
     t = rng.uniform(cfg.mask_eps, 1.0)
@@ -270,8 +270,7 @@ def _from_line_start(ids: list[int], tokenizer) -> list[int]:
     return _encode(tokenizer, text[cut + 1:]) if cut >= 0 else ids
 
 
-def _preamble(src: Source, s: int, e: int, tokenizer, rng: random.Random, neighbours, budget: int,
-              room: int) -> list[int]:
+def _preamble(src: Source, s: int, e: int, tokenizer, rng: random.Random, neighbours, room: int) -> list[int]:
     """Tokens of cross-file chunks to put before the prefix, as the server does; [] for none (see neighbours.py)."""
     if neighbours is None or src.index is None:
         return []

@@ -243,8 +243,9 @@ def _batches(path: Path, tokenizer, ecfg: ExampleConfig, seed: int, neighbour_pr
     return Batches(corpus, tokenizer, ecfg, seed=seed, neighbours=neighbours)
 
 
-def train(cfg: TrainConfig, tokenizer=None, progress: bool = True) -> dict:
-    """Run (or continue) a training run; returns the last logged record."""
+def train(cfg: TrainConfig, tokenizer=None, progress: bool = True, command: str | None = None) -> dict:
+    """Run (or continue) a training run; returns the last logged record. `command` is how it was
+    started, for the log and the data card (default: this process's arguments)."""
     if not cfg.steps and not cfg.max_minutes:
         raise ValueError("give --steps or --max-minutes")
     if cfg.loss not in ("mean", "elbo"):
@@ -312,7 +313,7 @@ def train(cfg: TrainConfig, tokenizer=None, progress: bool = True) -> dict:
                    mininterval=1.0 if sys.stderr.isatty() else 30.0)
     record: dict = {}
     start = {"event": "start", "step": step, "params": sum(p.numel() for p in model.parameters()),
-             "device": str(dev), "command": _command_line(),
+             "device": str(dev), "command": command or "dlm-ls train " + shlex.join(sys.argv[1:]),
              "hardware": _hardware(dev), "config": dataclasses.asdict(cfg)}
     print(json.dumps(start), flush=True)
     _log(out, start)  # the data card reads the run's origin from here
@@ -369,14 +370,6 @@ def train(cfg: TrainConfig, tokenizer=None, progress: bool = True) -> dict:
     return record
 
 
-def _command_line() -> str:
-    """How this run was started, as `dlm-ls train ...` (the CLI passes its own argv, "train" first)."""
-    args = sys.argv[1:]
-    if args[:1] == ["train"]:
-        args = args[1:]
-    return "dlm-ls train " + shlex.join(args)
-
-
 def _as_tuple(x):
     """random.setstate wants tuples; a state that went through torch.save may hold lists."""
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
@@ -396,7 +389,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    train(parse_args(argv))
+    args = list(sys.argv[1:] if argv is None else argv)  # `dlm-ls train` passes what follows "train"
+    train(parse_args(args), command="dlm-ls train " + shlex.join(args))
     return 0
 
 

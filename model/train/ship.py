@@ -47,7 +47,16 @@ def read_log(run: Path) -> tuple[dict, list[dict]]:
     return start, steps
 
 
-def _stage_lines(stages: list[dict], last: dict, hours: float) -> list[str]:
+def run_summary(steps: list[dict]) -> dict:
+    """A run's last step record, its steps, tokens and hours, and its last validation loss."""
+    last = steps[-1] if steps else {}
+    val = [s for s in steps if "val_loss" in s]
+    return {"last": last, "steps": last.get("step"), "tokens": last.get("tokens", 0),
+            "hours": last.get("time", 0.0) / 3600.0, "val_loss": val[-1]["val_loss"] if val else None,
+            "val_step": val[-1].get("step") if val else None}
+
+
+def _stage_lines(stages: list[dict], current: dict) -> list[str]:
     if not stages:
         return []
     out = ["The run above started from the weights of earlier runs (`--init-from`), oldest first:", ""]
@@ -57,8 +66,8 @@ def _stage_lines(stages: list[dict], last: dict, hours: float) -> list[str]:
             continue
         out.append(f"- `{s['run']}`, `{s['command']}`: {s['steps']} steps, {s['tokens'] / 1e6:.2f} M tokens, {s['hours']:.2f} hours, "
                    f"validation loss {s['val_loss']}")
-    total_tokens = sum(s.get("tokens") or 0 for s in stages) + last.get("tokens", 0)
-    total_hours = sum(s.get("hours") or 0.0 for s in stages) + hours
+    total_tokens = sum(s.get("tokens") or 0 for s in stages) + current["tokens"]
+    total_hours = sum(s.get("hours") or 0.0 for s in stages) + current["hours"]
     out += ["", f"In all: {total_tokens / 1e6:.2f} M tokens, {total_hours:.2f} hours.", ""]
     return out
 
@@ -89,30 +98,24 @@ def earlier_stages(run: Path, depth: int = 5) -> list[dict]:
         if not start:
             stages.append({"run": source, "missing": True})
             break
-        last = steps[-1] if steps else {}
-        val = [s for s in steps if "val_loss" in s]
         c = start.get("config") or {}
         command = start.get("command") or ("command not logged; config: " + ", ".join(
             f"{k} {c[k]}" for k in ("preset", "seq_len", "batch_size", "lr", "warmup", "max_minutes", "threads", "seed")
             if k in c))
-        stages.append({"run": str(prev), "command": command, "steps": last.get("step"),
-                       "tokens": last.get("tokens", 0), "hours": last.get("time", 0.0) / 3600.0,
-                       "val_loss": val[-1].get("val_loss") if val else None})
+        stages.append({"run": str(prev), "command": command, **run_summary(steps)})
         depth -= 1
     return stages[::-1]
 
 
-def data_card(run: Path, checkpoint: Path, manifest: dict, ev: dict | None, extra_note: str,
-              train_command: str | None = None, model_cfg: dict | None = None) -> str:
+def data_card(run: Path, model_cfg: dict, manifest: dict, ev: dict | None, extra_note: str,
+              train_command: str | None = None) -> str:
+    """The card's markdown: `model_cfg` is the shipped model's config (as written to config.json)."""
     start, steps = read_log(run)
     if train_command:
         start["command"] = train_command
     cfg = start.get("config", {})
-    last = steps[-1] if steps else {}
-    val = [s for s in steps if "val_loss" in s]
-    hours = (last.get("time", 0.0)) / 3600.0
-    if model_cfg is None:
-        model_cfg = json.loads((checkpoint / "config.json").read_text())
+    summary = run_summary(steps)
+    last, hours = summary["last"], summary["hours"]
     params = start.get("params")
     split_rows = []
     for name, split in manifest.get("splits", {}).items():
@@ -138,14 +141,14 @@ def data_card(run: Path, checkpoint: Path, manifest: dict, ev: dict | None, extr
         f"- Steps: {last.get('step')} of batch {cfg.get('batch_size')} x {cfg.get('seq_len')} tokens "
         f"({last.get('tokens', 0) / 1e6:.2f} M tokens seen), {hours:.2f} hours",
         f"- Final training loss {last.get('loss')}, canvas loss {last.get('canvas_loss')}, context next-token loss {last.get('ctx_loss')}",
-        f"- Validation loss (held-out packages): {val[-1].get('val_loss') if val else 'n/a'} at step {val[-1].get('step') if val else 'n/a'}",
+        f"- Validation loss (held-out packages): {'n/a' if summary['val_loss'] is None else summary['val_loss']} at step {summary['val_step']}",
         f"- Network: {model_cfg.get('n_layers')} layers, dim {model_cfg.get('dim')}, {model_cfg.get('n_heads')} heads "
         f"({model_cfg.get('n_kv_heads')} kv), SwiGLU {model_cfg.get('ffn_dim')}, vocab {model_cfg.get('vocab_size')}, tied embeddings",
         "- Weights: bf16 safetensors, shards of at most 15 MB",
         f"- Context: rows of {model_cfg.get('trained_context')} tokens; the engine's default context budget stays "
         "inside them",
         "",
-        *_stage_lines(earlier_stages(run), last, hours),
+        *_stage_lines(earlier_stages(run), summary),
         "## Data",
         "",
         f"Python source from the standard library and installed site-packages, permissive licenses only ({', '.join(l for l in licenses if l)}), "
@@ -194,8 +197,7 @@ def ship(run: Path, out: Path, eval_json: Path | None, manifest_path: Path, note
     if manifest:
         (tmp / "data_manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     ev = json.loads(eval_json.read_text()) if eval_json and eval_json.exists() else None
-    (tmp / "DATA_CARD.md").write_text(data_card(run, checkpoint, manifest, ev, note, train_command,
-                                                model.config.to_dict()))
+    (tmp / "DATA_CARD.md").write_text(data_card(run, model.config.to_dict(), manifest, ev, note, train_command))
     weights = sum(p.stat().st_size for p in tmp.glob("model*.safetensors"))
     if weights > MAX_TOTAL_BYTES:
         raise SystemExit(f"weights are {weights / 2**20:.1f} MB; the repository's budget is 60 MB")
