@@ -332,7 +332,7 @@ def test_ship_writes_a_bf16_folder_whose_card_tells_every_stage(tokenizer, corpu
 
 def test_cli_parses_every_config_field():
     cfg = loop.parse_args(["--preset", "tiny", "--steps", "3", "--loss", "elbo", "--compile", "--lr", "1e-4"])
-    assert (cfg.preset, cfg.steps, cfg.loss, cfg.compile, cfg.lr) == ("tiny", 3, "elbo", True, 1e-4)
+    assert (cfg.preset, cfg.steps, cfg.loss, cfg.compile, cfg.lr) == ("tiny", 3, "elbo", "on", 1e-4)
     assert dataclasses.asdict(loop.parse_args([])) == dataclasses.asdict(loop.TrainConfig())
 
 
@@ -371,3 +371,34 @@ def test_pad_weight_tilts_the_mean_loss_toward_real_tokens(tokenizer):
         ce = torch.nn.functional.cross_entropy(model.lm_head(h[sel]).float(), b["targets"][sel], reduction="none")
     assert float(no_pad["loss"]) == pytest.approx(float(ce[~is_pad].mean()), rel=1e-5)  # PAD slots count for nothing
     assert float(no_pad["canvas_loss"]) == pytest.approx(float(plain["canvas_loss"]))  # the logged mean is unchanged
+
+
+def test_sigterm_ends_a_run_after_its_step_with_a_checkpoint(corpus_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dlm_ls.model.train.loop", "--preset", "tiny", "--corpus", str(corpus_dir),
+           "--tokenizer", str(corpus_dir / "tokenizer.json"), "--out", str(out), "--seq-len", str(CFG.seq_len),
+           "--batch-size", "2", "--steps", "100000", "--threads", "1", "--eval-batches", "1", "--log-every", "1",
+           "--checkpoint-minutes", "0", "--compile", "off"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        def steps_logged() -> int:  # complete lines only: the run is still writing the file
+            text = (out / "log.jsonl").read_text() if (out / "log.jsonl").exists() else ""
+            return sum('"loss"' in line for line in text.split("\n")[:-1])
+
+        while steps_logged() < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr and proc.stderr.read()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+    last = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert last["final"] and last["stopped_by"] == "SIGTERM"
+    state = torch.load(out / "latest" / "train_state.pt", weights_only=True)
+    assert state["step"] == last["step"] >= 3  # the checkpoint holds every step that ran: resume loses nothing

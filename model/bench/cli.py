@@ -10,6 +10,8 @@
   large    a 7B-class architecture with random weights (GPU-sized; --layers shrinks it for a CPU):
            single-line and 64-token infill after a 2k context, parallel and ar, against the floor
   all      quality, ratio, step, latency and ceilings; quality and ratio share one run over the tasks
+  train    the training step (forward, backward, optimizer) in each variant: fp32, fused head,
+           compiled, bf16 weights; threads and batch sizes (`dlm-ls bench train --help`)
 
 Each prints a table and writes bench/results/<benchmark>-<cpu|cuda>.json with the machine, the
 date, the command and the git commit. Sizes default to what fits `make bench` on the device
@@ -58,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dlm-ls bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("benchmark", choices=[*BENCHMARKS, "large", "all"])
+    p.add_argument("benchmark", choices=[*BENCHMARKS, "large", "all", "train"])
     p.add_argument("--model", default=None, help="checkpoint folder (default: model/default)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: the GPU when there is one)")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
@@ -302,6 +304,14 @@ def run_large(s: Session, c: dict[str, Any] | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # the training step: its own arguments (corpus, preset, variants)
+        from . import train
+
+        try:
+            return train.main(argv[1:])
+        except BenchError as exc:
+            print(f"dlm-ls bench train: {exc}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         s = Session(args, argv)

@@ -23,7 +23,7 @@ from typing import Any
 from .common import REPO_ROOT, RESULTS_DIR
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-ORDER = ("quality", "ratio", "step", "latency", "ceilings", "large", "extra_context")
+ORDER = ("quality", "ratio", "step", "latency", "ceilings", "large", "extra_context", "train")
 
 
 def load_results(results_dir: Path) -> list[dict[str, Any]]:
@@ -187,8 +187,18 @@ def extra_context_section(d: dict) -> str:
                       provenance(d)])
 
 
+def train_section(d: dict) -> str:
+    table = [[r["name"], f"{r['tokens_per_s']:,}", _f(r.get("vs_fp32_eager"), 2), _f(r["loss_after"], 4)] for r in d["rows"]]
+    skipped = "".join(f"\n\n{s['variant']} not run: {s['why']}." for s in d.get("skipped", []))
+    return "\n".join([f"**Training step** (`{d['preset']}` preset, rows of {d['seq_len']} tokens, forward + backward + "
+                      "AdamW; the same weights and batches for every variant, so equal losses mean equal arithmetic):",
+                      "", _md(table, ["variant", "tokens/s", "x fp32 eager", "loss after"]) + skipped, "",
+                      provenance({**d, "model": {"path": f"{d['preset']} preset, random init", "parameters": d.get("parameters")}})])
+
+
 SECTIONS = {"quality": quality_section, "ratio": ratio_section, "step": step_section, "latency": latency_section,
-            "ceilings": ceilings_section, "large": large_section, "extra_context": extra_context_section}
+            "ceilings": ceilings_section, "large": large_section, "extra_context": extra_context_section,
+            "train": train_section}
 
 
 def render(results: list[dict]) -> str:

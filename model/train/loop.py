@@ -32,22 +32,22 @@ import platform
 import shlex
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import load
-from .. import tokens as T
 from ..config import ModelConfig
 from ..network import DiffusionLM
 from .examples import Batches, Corpus, ExampleConfig, StepBatches
 from .neighbours import NeighbourConfig, Neighbours
+from .step import TrainStep, compute_losses, hidden_states, make_optimizer, resolve_variant  # noqa: F401 (the loss's home)
 
 
 @dataclass
@@ -98,7 +98,11 @@ class TrainConfig:
     # (under 0.1 s of a 2.5 s step) and the bottleneck on a GPU.
     loader_workers: int = 0
     device: str = "auto"
-    compile: bool = False  # torch.compile the backbone (GPU)
+    # How the step runs (model/train/step.py; `dlm-ls bench train` times each). "auto": what that
+    # benchmark measured fastest on this kind of device, chosen in step.resolve_variant.
+    weights: str = "auto"  # "fp32" | "bf16" (bf16 weights, fp32 master weights and optimizer; CPUs with AMX)
+    compile: str = "auto"  # "on" | "off": torch.compile the backbone
+    fused_head: str = "auto"  # "on" | "off": output layer + cross-entropy per chunk of rows
     init_seed: int = 0
     resume: str = ""
     init_from: str = ""
@@ -107,37 +111,7 @@ class TrainConfig:
         return ExampleConfig(seq_len=self.seq_len, batch_size=self.batch_size, ctx_fraction=self.ctx_fraction)
 
 
-# ------------------------------------------------------------------------------------------- the model
-
-
-def hidden_states(model: DiffusionLM, tokens: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
-    """Final-normed hidden states (B, T, dim); the output layer is applied only at scored positions."""
-    return model.hidden(tokens, positions, mask)[0]
-
-
-def compute_losses(model: DiffusionLM, batch: dict[str, Tensor], cfg: TrainConfig, hidden=hidden_states) -> dict[str, Tensor]:
-    dev = next(model.parameters()).device
-    b = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-    h = hidden(model, b["tokens"], b["positions"], b["mask"])  # (B, T, dim)
-    sel = b["targets"] >= 0  # masked canvas slots
-    ce = F.cross_entropy(model.lm_head(h[sel]).float(), b["targets"][sel], reduction="none")  # (N,)
-    canvas = ce.mean()
-    elbo = (ce * b["weights"][sel]).sum() / b["n_examples"].clamp(min=1)
-    out = {"canvas_loss": canvas, "elbo": elbo}
-    if cfg.loss == "elbo":
-        objective = elbo
-    elif cfg.pad_weight != 1.0:
-        w = torch.where(b["targets"][sel] == T.PAD_ID, cfg.pad_weight, 1.0)
-        objective = (ce * w).sum() / w.sum().clamp(min=1e-6)
-    else:
-        objective = canvas
-    csel = b["ctx_targets"] >= 0
-    if cfg.ctx_loss_weight > 0 and bool(csel.any()):
-        ctx = F.cross_entropy(model.lm_head(h[csel]).float(), b["ctx_targets"][csel])
-        out["ctx_loss"] = ctx
-        objective = objective + cfg.ctx_loss_weight * ctx
-    out["loss"] = objective
-    return out
+# ------------------------------------------------------------------------------------------- schedule
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -145,15 +119,6 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     frac = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
-def make_optimizer(model: DiffusionLM, cfg: TrainConfig) -> torch.optim.AdamW:
-    # No decay on norms (1-d): shrinking them only fights the normalisation.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    other = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
-    fused = next(model.parameters()).is_cuda  # one kernel per step on a GPU; the plain loop on a CPU
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
@@ -174,18 +139,21 @@ def load_weights_into(model: DiffusionLM, folder: Path) -> None:
         raise load.CheckpointError(f"{folder}: weights do not match (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
-def save_state(model: DiffusionLM, opt: torch.optim.Optimizer, step: int, total: int, cfg: TrainConfig,
-               out: Path, tokens_seen: int) -> Path:
-    """Write out/latest/ (an engine-loadable fp32 checkpoint plus train_state.pt), replacing the old one whole."""
+def save_state(train_step: TrainStep, step: int, total: int, cfg: TrainConfig, out: Path, tokens_seen: int) -> Path:
+    """Write out/latest/ (an engine-loadable fp32 checkpoint plus train_state.pt), replacing the old one whole.
+
+    Whatever the step's variant, the weights are fp32 and the optimizer's state is over fp32
+    parameters in `model.parameters()` order, so a run resumes in any variant.
+    """
     tmp, final, old = out / "latest.tmp", out / "latest", out / "latest.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tok = cfg.tokenizer if Path(cfg.tokenizer).exists() else None
-    load.save_checkpoint(model, tmp, tokenizer_file=tok, dtype=torch.float32)
+    load.save_checkpoint(train_step.fp32_model(), tmp, tokenizer_file=tok, dtype=torch.float32)
     state = {
         "step": step,  # the next step to run
         "total_steps": total,
         "tokens_seen": tokens_seen,
-        "optimizer": opt.state_dict(),
+        "optimizer": train_step.opt.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "python_rng": random.getstate(),
         "config": dataclasses.asdict(cfg),
@@ -214,13 +182,13 @@ def _log(out: Path, record: dict) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: DiffusionLM, batches: list[dict[str, Tensor]], cfg: TrainConfig, autocast) -> dict[str, float]:
+def evaluate(train_step: TrainStep, batches: list[dict[str, Tensor]]) -> dict[str, float]:
+    model = train_step.model
     model.eval()
     sums: dict[str, float] = {}
     for b in batches:
-        with autocast():
-            for k, v in compute_losses(model, b, cfg).items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+        for k, v in train_step.losses(b).items():
+            sums[k] = sums.get(k, 0.0) + float(v)
     model.train()
     return {f"val_{k}": v / len(batches) for k, v in sums.items()}
 
@@ -279,19 +247,16 @@ def train(cfg: TrainConfig, tokenizer=None, progress: bool = True, command: str 
     if cfg.resume or cfg.init_from:
         load_weights_into(model, folder)
     model.to(dev).train()
-    opt = make_optimizer(model, cfg)
+    variant = resolve_variant(cfg.weights, cfg.compile, cfg.fused_head, dev)
+    train_step = TrainStep(model, cfg, variant)
     step, total, tokens_seen = 0, cfg.steps, 0
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
+        train_step.opt.load_state_dict(state["optimizer"])
         step, tokens_seen = state["step"], state["tokens_seen"]
         total = cfg.steps or state["total_steps"]  # an explicit --steps may lengthen a finished run
         torch.set_rng_state(state["torch_rng"])
         random.setstate(_as_tuple(state["python_rng"]))
 
-    hidden = hidden_states
-    if cfg.compile:
-        hidden = torch.compile(hidden_states)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else nullcontext
 
     ecfg = cfg.example_config()
     corpus = Path(cfg.corpus)
@@ -313,13 +278,14 @@ def train(cfg: TrainConfig, tokenizer=None, progress: bool = True, command: str 
                    mininterval=1.0 if sys.stderr.isatty() else 30.0)
     record: dict = {}
     start = {"event": "start", "step": step, "params": sum(p.numel() for p in model.parameters()),
-             "device": str(dev), "command": command or "dlm-ls train " + shlex.join(sys.argv[1:]),
+             "device": str(dev), "step_variant": variant.name, "command": command or "dlm-ls train " + shlex.join(sys.argv[1:]),
              "hardware": _hardware(dev), "config": dataclasses.asdict(cfg)}
     print(json.dumps(start), flush=True)
     _log(out, start)  # the data card reads the run's origin from here
+    stop = _StopSignals()
     while True:
         now = time.monotonic()
-        if (cfg.steps and step >= total) or now >= deadline:
+        if (cfg.steps and step >= total) or now >= deadline or stop.received:
             break
         # Time-boxed runs: fix the schedule length from the measured rate, and refresh it as load changes.
         if not cfg.steps and cfg.max_minutes:
@@ -332,42 +298,60 @@ def train(cfg: TrainConfig, tokenizer=None, progress: bool = True, command: str 
             if mark is not None and total == 10**9:
                 total = step + int((deadline - now) / max(1e-3, (now - t_start) / max(1, done)))
         lr = lr_at(step, total, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
         got, batch = next(train_batches)
         if got != step:  # the loader's order is the data position: a mismatch would break exact resume
             raise RuntimeError(f"batch for step {got} arrived at step {step}")
-        with autocast():
-            losses = compute_losses(model, batch, cfg, hidden)
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        losses, gnorm = train_step(batch, lr)
         step += 1
         tokens_seen += batch["tokens"].numel()
         record = {"step": step, "time": round(time.monotonic() - t_start, 2), "lr": lr, "tokens": tokens_seen,
                   **{k: round(float(v.detach()), 5) for k, v in losses.items()}, "grad_norm": round(float(gnorm), 4),
                   "total_steps": total}
         if cfg.eval_every and val and (step % cfg.eval_every == 0 or step == cfg.steps):
-            record.update({k: round(v, 5) for k, v in evaluate(model, val, cfg, autocast).items()})
+            record.update({k: round(v, 5) for k, v in evaluate(train_step, val).items()})
         if step % cfg.log_every == 0 or "val_loss" in record or step <= 5:
             _log(out, record)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
         if cfg.checkpoint_minutes and time.monotonic() - last_ckpt >= 60 * cfg.checkpoint_minutes:
-            save_state(model, opt, step, total, cfg, out, tokens_seen)
+            save_state(train_step, step, total, cfg, out, tokens_seen)
             last_ckpt = time.monotonic()
+    stop.restore()
     train_batches.close()  # stops the loader's workers
     if bar is not None:
         bar.close()
     if cfg.eval_batches and val and "val_loss" not in record:
-        record.update({k: round(v, 5) for k, v in evaluate(model, val, cfg, autocast).items()})
+        record.update({k: round(v, 5) for k, v in evaluate(train_step, val).items()})
     record["final"] = True
+    if stop.received:
+        record["stopped_by"] = stop.received
     _log(out, record)
-    save_state(model, opt, step, total, cfg, out, tokens_seen)
+    save_state(train_step, step, total, cfg, out, tokens_seen)
     print(json.dumps({"event": "done", **record}), flush=True)
     return record
+
+
+class _StopSignals:
+    """SIGTERM or SIGINT ends a run after its current step, with the usual final eval and checkpoint.
+
+    A session's end or a plain `kill` then costs nothing (without it, everything since the last
+    periodic checkpoint was lost); `--resume` continues from that step exactly.
+    """
+
+    def __init__(self):
+        self.received: str | None = None
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():  # signals go to the main thread only
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._note)
+
+    def _note(self, signum, _frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
 
 
 def _as_tuple(x):
@@ -382,6 +366,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        elif f.name in ("compile", "fused_head"):  # `--compile` alone means on
+            p.add_argument(flag, nargs="?", const="on", default=f.default, choices=("auto", "on", "off"))
+        elif f.name == "weights":
+            p.add_argument(flag, default=f.default, choices=("auto", "fp32", "bf16"))
         else:
             kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
             p.add_argument(flag, type=kind, default=f.default)
