@@ -7,12 +7,19 @@ costs the size of the edit plus a shift of the later line starts, not a rescan. 
 U+2028 and form feeds). Positions count UTF-16 code units by default, or UTF-8 bytes or
 code points when the client negotiated those.
 
+Text from the client is made safe here, once: a lone UTF-16 surrogate (legal in JSON, so a
+client may send one) becomes U+FFFD, which takes the same one UTF-16 unit, one code point and
+three UTF-8 bytes (as the surrogate does under "surrogatepass"), so every position the client
+sends still lands where it meant. Nothing downstream (the extra-context chunks of one document
+in another's request, msgpack to the worker, the tokenizer) then meets text it cannot encode.
+
 Plain data in, plain data out: positions are (line, character) pairs. This module knows
 nothing of pygls, models or sockets.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
@@ -26,6 +33,20 @@ _BREAK = re.compile(r"\n|\r(?!\n)")  # the character ending each line; "\r\n" en
 
 Position = tuple[int, int]
 Range = tuple[Position, Position]
+
+log = logging.getLogger("dlm_ls.documents")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a str from JSON holds pairs as one code point
+
+
+def safe_text(text: str) -> tuple[str, int]:
+    """`text` with each lone surrogate replaced by U+FFFD, and how many there were."""
+    if text.isascii():
+        return text, 0
+    try:
+        text.encode("utf-8")
+        return text, 0
+    except UnicodeEncodeError:
+        return _LONE_SURROGATE.subn("\ufffd", text)
 
 
 # --------------------------------------------------------------------------- columns within a line
@@ -199,22 +220,32 @@ class DocumentStore:
     def __init__(self, encoding: str = UTF16):
         self.encoding = encoding
         self.docs: dict[str, Document] = {}
+        self._warned: set[str] = set()  # documents whose lone surrogates were logged already
+
+    def _safe(self, uri: str, text: str) -> str:
+        text, replaced = safe_text(text)
+        if replaced and uri not in self._warned:
+            self._warned.add(uri)
+            log.warning("%s: %d lone UTF-16 surrogate(s) replaced by U+FFFD (positions unchanged)", uri, replaced)
+        return text
 
     def open(self, uri: str, text: str, language_id: str = "", version: int = 0) -> Document:
-        doc = Document(uri, text, language_id, version, self.encoding)
+        self._warned.discard(uri)
+        doc = Document(uri, self._safe(uri, text), language_id, version, self.encoding)
         self.docs[uri] = doc
         return doc
 
     def change(self, uri: str, version: int | None, changes: list[tuple[Range | None, str]]) -> Document:
         doc = self.get(uri)
         for rng, text in changes:
-            doc.apply(rng, text)
+            doc.apply(rng, self._safe(uri, text))
         if version is not None:
             doc.version = version
         return doc
 
     def close(self, uri: str) -> None:
         self.docs.pop(uri, None)
+        self._warned.discard(uri)
 
     def get(self, uri: str) -> Document:
         doc = self.docs.get(uri)

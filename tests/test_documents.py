@@ -138,3 +138,22 @@ def test_large_document_edits_stay_fast():
         doc.apply(((70_000 + i, 0), (70_000 + i, 0)), "x")
     assert (time.perf_counter() - t0) / 50 < 0.05
     assert doc.line_count == 140_001
+
+
+@pytest.mark.parametrize("encoding", [UTF16, UTF8, UTF32])
+def test_lone_surrogates_become_replacement_characters_at_the_same_positions(encoding, caplog):
+    store = DocumentStore(encoding)
+    text = "a = '\udc00'\nb = '\ud83d' + 'é'\n"
+    doc = store.open("file:///s.py", text)
+    assert doc.text == "a = '\ufffd'\nb = '\ufffd' + 'é'\n"
+    doc.text.encode("utf-8")  # encodable everywhere downstream
+    for offset in range(len(text) + 1):  # every position means the same character as in the client's text
+        line = text.count("\n", 0, offset)
+        head = text[text.rfind("\n", 0, offset) + 1: offset]
+        col = {UTF16: len(head.encode("utf-16-le", "surrogatepass")) // 2,
+               UTF8: len(head.encode("utf-8", "surrogatepass")), UTF32: len(head)}[encoding]
+        assert doc.offset_at((line, col)) == offset
+    store.change("file:///s.py", 2, [(((1, 0), (1, 0)), "\udfff")])  # edits are made safe too
+    assert doc.text.startswith("a = '\ufffd'\n\ufffdb")
+    warnings = [r for r in caplog.records if "lone UTF-16 surrogate" in r.getMessage()]
+    assert len(warnings) == 1  # once per document, not per edit

@@ -46,7 +46,7 @@ def plain(obj):
 def utf16_position(text: str, offset: int) -> lsp.Position:
     line = text.count("\n", 0, offset)
     start = text.rfind("\n", 0, offset) + 1
-    return lsp.Position(line=line, character=len(text[start:offset].encode("utf-16-le")) // 2)
+    return lsp.Position(line=line, character=len(text[start:offset].encode("utf-16-le", "surrogatepass")) // 2)
 
 
 class Session:
@@ -213,6 +213,23 @@ async def test_incremental_edits_with_surrogate_pairs_keep_positions(tiny_model_
         result = await s.inline(uri, pos(text, at_offset))
         for item in result.items:
             assert item.range.start == pos(text, at_offset)
+
+
+async def test_a_lone_surrogate_in_one_document_never_fails_another(tiny_model_dir, shared_run):
+    # Legal in JSON, unencodable in UTF-8: the document store makes it U+FFFD once, so the chunk of
+    # this document that goes into the other's extra context can always be sent to the worker.
+    bad = "def compute_total(items):\n    label = '\udc00'\n    return sum(items)\n"
+    good = "from shop import compute_total\n\n\ndef checkout(cart):\n    return compute_total(\n"
+    async with session(tiny_model_dir, shared_run) as s:
+        s.open("file:///w/bad.py", bad)
+        s.open("file:///w/good.py", good)
+        for uri, text in (("file:///w/good.py", good), ("file:///w/bad.py", bad)):
+            result = await s.inline(uri, utf16_position(text, len(text) - 1))
+            assert result is not None and len(result.items) == 1
+        # positions past the replaced character still land where the client meant them
+        at = utf16_position(bad, bad.index("\n    return"))
+        result = await s.inline("file:///w/bad.py", at)
+        assert all(item.range.start == at for item in result.items)
 
 
 async def test_fill_returns_edits_for_hole_markers_and_ranges(tiny_model_dir, shared_run):
