@@ -402,3 +402,23 @@ def test_sigterm_ends_a_run_after_its_step_with_a_checkpoint(corpus_dir, tmp_pat
     assert last["final"] and last["stopped_by"] == "SIGTERM"
     state = torch.load(out / "latest" / "train_state.pt", weights_only=True)
     assert state["step"] == last["step"] >= 3  # the checkpoint holds every step that ran: resume loses nothing
+
+
+def test_a_stage_started_from_a_shipped_folder_keeps_the_whole_chain_on_its_card(tokenizer, corpus_dir, tmp_path):
+    from dlm_ls.model.train import ship
+
+    first, shipped, third, final = tmp_path / "a", tmp_path / "shipped", tmp_path / "c", tmp_path / "final"
+    loop.train(_run_cfg(corpus_dir, first, steps=2, eval_batches=0), tokenizer, progress=False)
+    ship.main(["--run", str(first), "--out", str(shipped), "--manifest", str(tmp_path / "none.json")])
+    # the runs' folders may be gone by the next stage: the shipped folder carries its own chain
+    loop.train(_run_cfg(corpus_dir, third, steps=1, eval_batches=0, init_from=str(shipped)), tokenizer, progress=False)
+    loop.train(_run_cfg(corpus_dir, third, steps=3, eval_batches=0, resume=str(third)), tokenizer, progress=False)
+    import shutil
+
+    shutil.rmtree(first)
+    ship.main(["--run", str(third), "--out", str(final), "--manifest", str(tmp_path / "none.json")])
+    chain = json.loads((final / ship.STAGES_FILE).read_text())
+    assert [s["run"] for s in chain] == [str(first), str(third)] and [s["steps"] for s in chain] == [2, 3]
+    assert chain[1]["tokens"] == 3 * 2 * CFG.seq_len
+    card = (final / "DATA_CARD.md").read_text()
+    assert "trained in 2 stages" in card and "Resumed at step 1:" in card and "(its log is not here)" not in card

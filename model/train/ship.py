@@ -47,13 +47,31 @@ def read_log(run: Path) -> tuple[dict, list[dict]]:
     return start, steps
 
 
+def resumes(run: Path) -> list[dict]:
+    """The start events after a run's first: each `--resume` of it, with its command and step."""
+    path = run / "log.jsonl"
+    if not path.exists():
+        return []
+    starts = [json.loads(line) for line in path.read_text(errors="replace").splitlines() if line.startswith('{"event": "start"')]
+    return starts[1:]
+
+
 def run_summary(steps: list[dict]) -> dict:
-    """A run's last step record, its steps, tokens and hours, and its last validation loss."""
+    """A run's last step record, its steps, tokens and hours, and its last validation loss.
+
+    A resumed run logs its steps' times from each process's own start, so the hours are summed
+    over those segments (a time that goes down starts a new one).
+    """
     last = steps[-1] if steps else {}
     val = [s for s in steps if "val_loss" in s]
+    seconds = sum(a.get("time", 0.0) for a, b in zip(steps, steps[1:]) if b.get("time", 0.0) < a.get("time", 0.0))
+    seconds += last.get("time", 0.0)
     return {"last": last, "steps": last.get("step"), "tokens": last.get("tokens", 0),
-            "hours": last.get("time", 0.0) / 3600.0, "val_loss": val[-1]["val_loss"] if val else None,
+            "hours": seconds / 3600.0, "val_loss": val[-1]["val_loss"] if val else None,
             "val_step": val[-1].get("step") if val else None}
+
+
+STAGES_FILE = "training_stages.json"  # beside the weights of a shipped folder: every stage behind them
 
 
 def _stage_lines(stages: list[dict], current: dict) -> list[str]:
@@ -64,8 +82,9 @@ def _stage_lines(stages: list[dict], current: dict) -> list[str]:
         if s.get("missing"):
             out.append(f"- `{s['run']}` (its log is not here)")
             continue
-        out.append(f"- `{s['run']}`, `{s['command']}`: {s['steps']} steps, {s['tokens'] / 1e6:.2f} M tokens, {s['hours']:.2f} hours, "
-                   f"validation loss {s['val_loss']}")
+        where = f" on {s['hardware']}" if s.get("hardware") else ""
+        out.append(f"- `{s['run']}`, `{s['command']}`: {s['steps']} steps, {s['tokens'] / 1e6:.2f} M tokens, {s['hours']:.2f} hours"
+                   f"{where}, validation loss {s['val_loss']}")
     total_tokens = sum(s.get("tokens") or 0 for s in stages) + current["tokens"]
     total_hours = sum(s.get("hours") or 0.0 for s in stages) + current["hours"]
     out += ["", f"In all: {total_tokens / 1e6:.2f} M tokens, {total_hours:.2f} hours.", ""]
@@ -84,8 +103,12 @@ def _fmt_eval(ev: dict) -> str:
     return "\n".join(rows)
 
 
-def earlier_stages(run: Path, depth: int = 5) -> list[dict]:
-    """The runs this one was started from (`--init-from RUN/latest`), oldest first, each summarized."""
+def earlier_stages(run: Path, depth: int = 8) -> list[dict]:
+    """The runs this one was started from (`--init-from`), oldest first, each summarized.
+
+    A run folder is read from its log; a shipped folder (model/default) from the stages file that
+    `ship` wrote beside its weights, so the chain survives the runs' folders.
+    """
     stages: list[dict] = []
     start, _ = read_log(run)
     while depth > 0:
@@ -96,15 +119,25 @@ def earlier_stages(run: Path, depth: int = 5) -> list[dict]:
         prev = folder.parent if folder.name == "latest" else folder
         start, steps = read_log(prev)
         if not start:
-            stages.append({"run": source, "missing": True})
+            shipped = prev / STAGES_FILE
+            if shipped.exists():
+                stages += json.loads(shipped.read_text())[::-1]
+            else:
+                stages.append({"run": source, "missing": True})
             break
-        c = start.get("config") or {}
-        command = start.get("command") or ("command not logged; config: " + ", ".join(
-            f"{k} {c[k]}" for k in ("preset", "seq_len", "batch_size", "lr", "warmup", "max_minutes", "threads", "seed")
-            if k in c))
-        stages.append({"run": str(prev), "command": command, **run_summary(steps)})
+        stages.append(stage_record(prev, start, steps))
         depth -= 1
     return stages[::-1]
+
+
+def stage_record(run: Path, start: dict, steps: list[dict]) -> dict:
+    c = start.get("config") or {}
+    command = start.get("command") or ("command not logged; config: " + ", ".join(
+        f"{k} {c[k]}" for k in ("preset", "seq_len", "batch_size", "lr", "warmup", "max_minutes", "threads", "seed")
+        if k in c))
+    summary = run_summary(steps)
+    return {"run": str(run), "command": command, "hardware": start.get("hardware"),
+            **{k: summary[k] for k in ("steps", "tokens", "hours", "val_loss")}}
 
 
 def data_card(run: Path, model_cfg: dict, manifest: dict, ev: dict | None, extra_note: str,
@@ -123,11 +156,12 @@ def data_card(run: Path, model_cfg: dict, manifest: dict, ev: dict | None, extra
         split_rows.append(f"| {name} | {split.get('files')} | {split.get('bytes', 0) / 1e6:.1f} MB | "
                           f"{split.get('tokens', 0) / 1e6:.2f} M | {pkgs} |")
     licenses = sorted({p.get("license") for s in manifest.get("splits", {}).values() for p in s.get("packages", {}).values()})
+    stages = earlier_stages(run)
     lines = [
         "# dlm-ls default model: data card",
         "",
-        f"A {params / 1e6:.1f}M-parameter masked-diffusion code model (preset `{cfg.get('preset')}`), trained from scratch "
-        "for Python infilling in dlm-ls's own layout (suffix first, causal cached context, bidirectional canvas; "
+        f"A {params / 1e6:.1f}M-parameter masked-diffusion code model (preset `{cfg.get('preset')}`), trained "
+        f"{f'in {len(stages) + 1} stages' if stages else 'from scratch'} for Python infilling in dlm-ls's own layout (suffix first, causal cached context, bidirectional canvas; "
         "see model/tokens.py). It ships in the repository so that a fresh clone completes code with no download."
         if params else "A masked-diffusion code model trained for dlm-ls's infill layout.",
         "",
@@ -138,6 +172,8 @@ def data_card(run: Path, model_cfg: dict, manifest: dict, ev: dict | None, extra
         f"- Command: `{start.get('command', 'python -m dlm_ls.model.train.loop ' + ' '.join(f'--{k} {v}' for k, v in cfg.items()))}`",
         f"- Hardware: {start.get('hardware', platform.processor() or platform.machine())}, device `{start.get('device')}`, "
         f"{cfg.get('threads', '?')} thread(s); torch {torch.__version__}",
+        *[f"- Resumed at step {r.get('step')}: `{r.get('command')}` ({r.get('step_variant', 'fp32 eager')} step)"
+          for r in resumes(run)],
         f"- Steps: {last.get('step')} of batch {cfg.get('batch_size')} x {cfg.get('seq_len')} tokens "
         f"({last.get('tokens', 0) / 1e6:.2f} M tokens seen), {hours:.2f} hours",
         f"- Final training loss {last.get('loss')}, canvas loss {last.get('canvas_loss')}, context next-token loss {last.get('ctx_loss')}",
@@ -148,7 +184,7 @@ def data_card(run: Path, model_cfg: dict, manifest: dict, ev: dict | None, extra
         f"- Context: rows of {model_cfg.get('trained_context')} tokens; the engine's default context budget stays "
         "inside them",
         "",
-        *_stage_lines(earlier_stages(run), summary),
+        *_stage_lines(stages, summary),
         "## Data",
         "",
         f"Python source from the standard library and installed site-packages, permissive licenses only ({', '.join(l for l in licenses if l)}), "
@@ -197,6 +233,9 @@ def ship(run: Path, out: Path, eval_json: Path | None, manifest_path: Path, note
     if manifest:
         (tmp / "data_manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     ev = json.loads(eval_json.read_text()) if eval_json and eval_json.exists() else None
+    start, steps = read_log(run)
+    chain = [s for s in earlier_stages(run) if not s.get("missing")] + [stage_record(run, start, steps)]
+    (tmp / STAGES_FILE).write_text(json.dumps(chain, indent=1) + "\n")
     (tmp / "DATA_CARD.md").write_text(data_card(run, model.config.to_dict(), manifest, ev, note, train_command))
     weights = sum(p.stat().st_size for p in tmp.glob("model*.safetensors"))
     if weights > MAX_TOTAL_BYTES:
