@@ -47,9 +47,32 @@ def test_fused_cross_entropy_matches_the_reference_on_odd_shapes(rows):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("rows", [7, 300])
+def test_banned_classes_leave_the_softmax_of_the_rows_after_first_row(rows):
+    g = torch.Generator().manual_seed(rows)
+    h = torch.randn(rows, 16, generator=g, requires_grad=True)
+    w = (torch.randn(50, 16, generator=g) * 0.1).requires_grad_(True)
+    targets = torch.randint(5, 50, (rows,), generator=g)  # never a banned class
+    coef = torch.rand(rows, generator=g)
+    banned = (rows // 3, 5)
+    ref_loss, ref_ce = linear_cross_entropy_reference(h, w, targets, coef, banned)
+    loss, ce = linear_cross_entropy_fused(h, w, targets, coef, banned, rows_per_chunk=4)
+    torch.testing.assert_close(ce, ref_ce, **TOL["fp32"])
+    plain_ce = linear_cross_entropy_reference(h, w, targets, coef)[1]
+    torch.testing.assert_close(ce[: rows // 3], plain_ce[: rows // 3], **TOL["fp32"])
+    assert (ce[rows // 3:] < plain_ce[rows // 3:]).all()  # less mass to share: a lower loss
+    # only the unbanned rows push the banned classes' output rows
+    tail = coef.clone()
+    tail[: rows // 3] = 0
+    loss_tail, _ = linear_cross_entropy_fused(h, w, targets, tail, banned, rows_per_chunk=4)
+    (grad_w,) = torch.autograd.grad(loss_tail, (w,))
+    assert torch.count_nonzero(grad_w[:5]) == 0 and torch.count_nonzero(grad_w[5:]) > 0
+
+
 @pytest.mark.parametrize("cfg", [loop.TrainConfig(ctx_loss_weight=1.0, ctx_fraction=1.0),
+                                 loop.TrainConfig(ctx_loss_weight=1.0, ctx_fraction=1.0, ctx_excludes_special=False),
                                  loop.TrainConfig(pad_weight=0.3), loop.TrainConfig(loss="elbo")],
-                         ids=["full-context", "pad-weight", "elbo"])
+                         ids=["full-context", "full-context-all-classes", "pad-weight", "elbo"])
 def test_fused_head_gives_the_plain_loss_and_gradients_on_a_fixed_batch(tokenizer, cfg):
     b = _batch(tokenizer)
     out = {}

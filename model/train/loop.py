@@ -79,6 +79,9 @@ class TrainConfig:
     # canvas_loss stays the plain mean, so runs with different weights compare.
     pad_weight: float = 1.0
     ctx_fraction: float = 0.25  # share of context positions scored: each costs a vocab-wide output row
+    # The context head's softmax leaves out the layout tokens (never its targets), so it does not push
+    # down the PAD that the canvas must predict to end a middle (model/train/step.py, docs/training.md).
+    ctx_excludes_special: bool = True
     # Share of single-hole examples that try for a cross-file preamble (chunks of other files of the
     # package, formatted as the server's extra context; train/neighbours.py). 0 turns it off.
     neighbour_prob: float = 0.4

@@ -124,8 +124,13 @@ def compute_losses(model: DiffusionLM, batch: dict[str, Tensor], cfg, hidden=hid
         rows.append(h[csel])
         targets.append(b["ctx_targets"][csel])
         coefs.append(torch.full((n_ctx,), cfg.ctx_loss_weight / n_ctx, device=dev))
+    # The context head is never asked for a layout token (PAD, MASK, sentinels): leaving them out of its
+    # softmax stops it pushing PAD down through the shared output layer, which the canvas needs to end
+    # a middle (measured: the closing PAD's NLL went 2.5 -> 5.9 nats when the context loss weight rose
+    # from 0.25 to 1.0; docs/training.md).
+    banned = (n_canvas, T.NUM_SPECIAL) if n_ctx and cfg.ctx_excludes_special else (0, 0)
     objective, ce = linear_cross_entropy(torch.cat(rows), model.lm_head.weight, torch.cat(targets),
-                                         torch.cat(coefs).float(), fused=fused_head)
+                                         torch.cat(coefs).float(), fused=fused_head, banned=banned)
     ce_canvas = ce[:n_canvas]
     out = {"canvas_loss": ce_canvas.mean(), "elbo": (ce_canvas * slot_weights).sum() / n_examples}
     if n_ctx:
