@@ -268,6 +268,28 @@ class Infiller:
             logp = torch.log_softmax(logits, -1)[torch.arange(n), torch.tensor(target, device=dev)]
         return {"tokens": n, "nll": float(-logp.sum()), "token_nll": [round(float(-x), 4) for x in logp]}
 
+    def score_middle_by_context_head(self, segments: list[str], middle: str) -> dict:
+        """The log-likelihood of `middle`'s tokens as the causal context's own next-token head reads them:
+        the middle appended to the context, each token predicted at the position before it (the
+        head that training's context loss teaches). No closing PAD: that head never predicts layout
+        tokens. One forward pass; for comparing with `score_middle` on the same tokens."""
+        if self.model.config.layout != "dlm" or len(segments) != 2:
+            raise InfillError("scoring takes one hole and a model in dlm-ls's own layout")
+        context, target = self.context_for(segments), self.encode(middle)
+        if not target:
+            return {"tokens": 0, "nll": 0.0, "token_nll": []}
+        width = len(context) + len(target)
+        tokens = torch.tensor(context + target)
+        mask = torch.ones(width, width, dtype=torch.bool).tril()
+        dev = self.engine.device
+        with torch.inference_mode():
+            logits, _ = self.model(tokens[None].to(dev), torch.arange(width)[None].to(dev), mask[None, None].to(dev),
+                                   None, logits_from=len(context) - 1)
+            logits = logits[0, : len(target)].float().clone()
+            logits[:, : T.NUM_SPECIAL] = float("-inf")
+            logp = torch.log_softmax(logits, -1)[torch.arange(len(target)), torch.tensor(target, device=dev)]
+        return {"tokens": len(target), "nll": float(-logp.sum()), "token_nll": [round(float(-x), 4) for x in logp]}
+
     def warm(self, cache_key: str, segments: list[str]) -> None:
         """Compute a context's cache ahead of the request that will need it (document opened, cursor settled)."""
         self.engine.prefill(cache_key, self.context_for(segments))

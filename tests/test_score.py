@@ -45,3 +45,21 @@ def test_one_pass_score_equals_token_by_token_passes(infiller, middle):
 def test_scoring_takes_one_hole(infiller):
     with pytest.raises(InfillError, match="one hole"):
         infiller.score_middle(["a", "b", "c"], "x")
+
+
+@pytest.mark.parametrize("middle", ["return a + b", "x", "print('émoji 😀')"])
+def test_context_head_score_equals_next_token_passes_over_a_growing_context(infiller, middle):
+    segments = ["def add(a, b):\n    ", "\n\nprint(add(1, 2))\n"]
+    context, target = infiller.context_for(segments), infiller.encode(middle)
+    want = 0.0
+    with torch.inference_mode():
+        for i, tok in enumerate(target):  # the context's own head: its last position predicts the next token
+            ids = torch.tensor([context + target[:i]])
+            is_canvas = torch.zeros_like(ids, dtype=torch.bool)
+            logits, _ = infiller.model(ids, torch.arange(ids.shape[1])[None], layout.packed_mask(torch.zeros_like(ids), is_canvas))
+            row = logits[0, -1].float()
+            row[: T.NUM_SPECIAL] = float("-inf")  # that head is never asked for a layout token
+            want -= float(torch.log_softmax(row, -1)[tok])
+    got = infiller.score_middle_by_context_head(segments, middle)
+    assert got["tokens"] == len(target) and math.isclose(got["nll"], want, rel_tol=1e-4, abs_tol=1e-4)
+    assert infiller.score_middle_by_context_head(segments, "")["tokens"] == 0

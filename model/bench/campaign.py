@@ -36,6 +36,8 @@ def point_from_eval(eval_json: dict, tokens: float, recipe: str, label: str) -> 
     return {"label": label, "recipe": recipe, "tokens": int(tokens),
             "line_nll": round(like["line"]["nll_per_token"], 4), "block_nll": round(like["block"]["nll_per_token"], 4),
             "ar_line_exact": ar_line.get("exact_match"), "tasks_per_kind": like["line"]["n"],
+            **{f"line_{k}": round(like["line"][k], 4) for k in ("middle_nll_per_token", "end_nll",
+                                                                  "context_head_nll_per_token") if k in like["line"]},
             "model": eval_json.get("model"), "eval_command": eval_json.get("command"), "date": eval_json.get("date"),
             "machine": (eval_json.get("machine") or {}).get("cpu")}
 

@@ -497,14 +497,29 @@ def group_summaries(records: Sequence[Record]) -> dict[str, dict[str, dict]]:
 def likelihood(infiller, tasks: Sequence[Task]) -> dict[str, dict]:
     """Per kind, the true middles' negative log-likelihood per token (nats) under the model, as the
     `ar` strategy factors it (Infiller.score_middle): it moves long before exact match does, so two
-    weak models can be told apart. Strategy-independent: one pass per task."""
-    by_kind: dict[str, list[dict]] = {}
+    weak models can be told apart. Strategy-independent: one pass per task.
+
+    Beside the headline figure (middle tokens and the closing PAD together): the middle's own tokens,
+    the closing PAD alone (where the model must decide that the middle ends), and the middle's
+    tokens as the causal context's next-token head reads them (`score_middle_by_context_head`).
+    """
+    by_kind: dict[str, list[tuple[dict, dict]]] = {}
     for task in tasks:
-        by_kind.setdefault(task.kind, []).append(infiller.score_middle([task.prefix, task.suffix], task.middle))
-    out = {k: {"n": len(v), "nll_per_token": sum(s["nll"] for s in v) / max(1, sum(s["tokens"] for s in v))}
-           for k, v in sorted(by_kind.items(), key=lambda kv: _kind_order(kv[0]))}
-    every = [s for v in by_kind.values() for s in v]
-    out["all"] = {"n": len(every), "nll_per_token": sum(s["nll"] for s in every) / max(1, sum(s["tokens"] for s in every))}
+        segments = [task.prefix, task.suffix]
+        by_kind.setdefault(task.kind, []).append((infiller.score_middle(segments, task.middle),
+                                                  infiller.score_middle_by_context_head(segments, task.middle)))
+
+    def figures(scores: list[tuple[dict, dict]]) -> dict:
+        canvas = [c for c, _ in scores]
+        n_mid = sum(c["tokens"] - 1 for c in canvas)
+        return {"n": len(scores),
+                "nll_per_token": sum(c["nll"] for c in canvas) / max(1, sum(c["tokens"] for c in canvas)),
+                "middle_nll_per_token": sum(sum(c["token_nll"][:-1]) for c in canvas) / max(1, n_mid),
+                "end_nll": sum(c["token_nll"][-1] for c in canvas) / max(1, len(canvas)),
+                "context_head_nll_per_token": sum(h["nll"] for _, h in scores) / max(1, sum(h["tokens"] for _, h in scores))}
+
+    out = {k: figures(v) for k, v in sorted(by_kind.items(), key=lambda kv: _kind_order(kv[0]))}
+    out["all"] = figures([s for v in by_kind.values() for s in v])
     return out
 
 
@@ -612,6 +627,10 @@ def main(argv: list[str] | None = None) -> int:
         print(format_target(target))
     nll = likelihood(infiller, tasks)
     print("true middle, nats per token: " + ", ".join(f"{k} {v['nll_per_token']:.3f}" for k, v in nll.items()))
+    print("  its tokens without the closing PAD: " + ", ".join(f"{k} {v['middle_nll_per_token']:.3f}" for k, v in nll.items())
+          + "; the closing PAD: " + ", ".join(f"{k} {v['end_nll']:.2f}" for k, v in nll.items()))
+    print("  its tokens by the context's next-token head: "
+          + ", ".join(f"{k} {v['context_head_nll_per_token']:.3f}" for k, v in nll.items()))
     if args.out:
         from ..bench.common import header
 
