@@ -28,6 +28,9 @@ class Settings:
     # Replay the refinement step as a CUDA graph at bucketed shapes (model/captured.py). GPU only; a
     # worker already running for the model and device keeps the setting it was started with.
     captured_step: bool = False
+    # A message whose Content-Length is above this ends the stream (its bytes cannot be framed): one
+    # clear log line and a non-zero exit, never a multi-GB read.
+    max_message_bytes: int = 64 << 20
     idle_timeout_s: float = 600.0  # a worker with no request for this long exits and frees its memory
     spawn_timeout_s: float = 180.0  # how long a new worker may take to import torch and load the model
     request_timeout_s: float = 60.0  # one completion, end to end; then a clear error, never a hang

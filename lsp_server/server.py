@@ -41,6 +41,7 @@ from . import documents as D
 from .config import Settings
 from .errors import DlmError, to_lsp
 from .policy import CompletionPolicy, Speculation, context_key
+from .protocol import AnsweringProtocol, StreamError, read_messages
 from .worker_client import InProcessBackend, WorkerClient, in_thread, make_backend
 
 NAME, VERSION = "dlm-ls", "0.1.0"
@@ -266,8 +267,9 @@ def may_have_holes(text: str, language_id: str, settings: Settings) -> bool:
 # --------------------------------------------------------------------------- the server
 
 
-class DlmProtocol(LanguageServerProtocol):
-    """pygls' protocol, with documents kept only in our store (see the module docstring)."""
+class DlmProtocol(AnsweringProtocol, LanguageServerProtocol):
+    """pygls' protocol, with documents kept only in our store (see the module docstring), and every
+    request answered exactly once (protocol.py)."""
 
     def _user(self, method: str, params: Any):
         if (handler := self.fm.features.get(method)) is not None:
@@ -297,6 +299,7 @@ class DlmServer(LanguageServer):
         self.backend_error: DlmError | None = None
         self.started = time.monotonic()
         self.shutdown_requested = False
+        self.stream_error = False  # the input could not be framed any more (protocol.StreamError)
         self.position_encoding = D.UTF16
         self.last_request: dict[str, Any] = {}
         self.context_tokens: int | None = None  # the engine's context budget, once the worker said it
@@ -330,6 +333,26 @@ class DlmServer(LanguageServer):
                 self.backend_error = exc
                 raise
         return self.backend
+
+    def start_io(self, stdin=None, stdout=None) -> None:
+        """Serve over stdio with our own framing (protocol.read_messages) in place of pygls' loop."""
+        from pygls.io_ import StdinAsyncReader, StdoutWriter
+        from threading import Event
+
+        self._stop_event = Event()
+        self.protocol.set_writer(StdoutWriter(stdout or sys.stdout.buffer))
+        reader = StdinAsyncReader(stdin or sys.stdin.buffer, self.thread_pool)
+        try:
+            asyncio.run(read_messages(reader, self.protocol, self._stop_event, self.settings.max_message_bytes))
+        except StreamError as exc:
+            log.error("%s", exc)
+            self.stream_error = True
+        except BrokenPipeError:
+            log.error("the client closed its end of the connection")
+        except (KeyboardInterrupt, SystemExit):
+            pass
+        finally:
+            self.shutdown()
 
     def shutdown(self) -> None:
         """pygls' version joins the thread reading stdin, which blocks until the client closes it."""
@@ -1018,4 +1041,4 @@ def serve(settings: Settings) -> int:
     ls = build_server(settings)
     log.info("dlm-ls %s serving over stdio (pid %d)", VERSION, os.getpid())
     ls.start_io()
-    return 0 if ls.shutdown_requested else 1
+    return 0 if ls.shutdown_requested and not ls.stream_error else 1
