@@ -15,6 +15,8 @@ one clear log line and a non-zero exit, since the bytes after it cannot be frame
   an unknown method               -32601 (pygls)
 Notifications that fail the same checks are logged once per method and dropped, as JSON-RPC
 requires (a notification is never answered). An error reply to `"id": null` carries the member.
+A -32603 InternalError goes out as one line: its traceback goes to the log, and to the client only
+under `--debug` (`expose_tracebacks`).
 
 Knows JSON-RPC and pygls' protocol class; knows nothing of completions, documents or models.
 """
@@ -29,7 +31,7 @@ from typing import Any
 from lsprotocol.types import ResponseError, ResponseErrorMessage
 from pygls.exceptions import JsonRpcException
 
-from .errors import INVALID_PARAMS, INVALID_REQUEST, SERVER_NOT_INITIALIZED
+from .errors import INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, SERVER_NOT_INITIALIZED
 
 log = logging.getLogger("dlm_ls.protocol")
 
@@ -45,7 +47,7 @@ def first_problem(exc: BaseException) -> str:
     try:
         import cattrs
 
-        messages = cattrs.transform_error(exc, path="params")
+        messages = [m.replace("@ .", "@ ") for m in cattrs.transform_error(exc, path="")]
         if messages:
             return messages[0]
     except Exception:  # noqa: BLE001 - a message of our own is better than none
@@ -57,6 +59,7 @@ class AnsweringProtocol:
     """A mixin before pygls' LanguageServerProtocol: see the module docstring for the table."""
 
     _answering_initialized = False  # an `initialize` request has been taken
+    expose_tracebacks = False  # the server sets it under --debug
     _answering_warned: set[str]
 
     def _warn_once(self, method: str, why: str) -> None:
@@ -67,6 +70,15 @@ class AnsweringProtocol:
 
     def _answer_error(self, msg_id: Any, code: int, message: str) -> None:
         self._send_data(ResponseErrorMessage(id=msg_id, error=ResponseError(code=code, message=message)))
+
+    def _send_response(self, msg_id: Any, result: Any = None, error: ResponseError | None = None) -> None:
+        if error is not None and error.code == INTERNAL_ERROR:
+            trace = error.data.get("traceback") if isinstance(error.data, dict) else None
+            if trace:
+                log.error("internal error answering %s: %s\n%s", msg_id, error.message, "".join(trace))
+            first = (error.message or "internal error").strip().splitlines()[0][:300]
+            error = ResponseError(code=error.code, message=first, data=error.data if self.expose_tracebacks else None)
+        super()._send_response(msg_id, result, error)
 
     def _serialize_message(self, data: Any) -> Any:
         if isinstance(data, ResponseErrorMessage) and data.id is None:  # cattrs would drop a None id

@@ -300,6 +300,7 @@ class DlmServer(LanguageServer):
         self.started = time.monotonic()
         self.shutdown_requested = False
         self.stream_error = False  # the input could not be framed any more (protocol.StreamError)
+        self.protocol.expose_tracebacks = settings.log_level == "debug"  # `--debug`
         self.position_encoding = D.UTF16
         self.last_request: dict[str, Any] = {}
         self.context_tokens: int | None = None  # the engine's context budget, once the worker said it
@@ -613,9 +614,12 @@ class DlmServer(LanguageServer):
         doc = self.docs.get(uri)
         span = None
         if rng is not None:
-            def offset(p) -> int:
-                return doc.offset_at((int(_field(p, "line")), int(_field(p, "character"))), strict=True)
-            span = (offset(_field(rng, "start")), offset(_field(rng, "end")))
+            def offset(end: str) -> int:
+                line, char = _field(rng, end, "line"), _field(rng, end, "character")
+                if not (isinstance(line, int) and isinstance(char, int)):
+                    raise DlmError("invalid_params", f"range.{end} needs integer line and character")
+                return doc.offset_at((line, char), strict=True)
+            span = (offset("start"), offset("end"))
         spans, segments = plan_fill(doc, span, self.settings)
         if not spans:
             return {"edits": [], "version": doc.version, "holes": 0}

@@ -159,3 +159,39 @@ def test_a_content_length_over_the_limit_ends_the_stream_with_one_clear_line(ser
     assert server.proc.wait(timeout=20) != 0
     err = server.proc.stderr.read().decode()
     assert "over the limit" in err and "maxMessageBytes" in err
+
+
+def test_a_range_without_an_end_is_invalid_params_and_errors_are_one_line(server):
+    initialize(server)
+    uri = "file:///w/a.py"
+    server.send(msg(method="textDocument/didOpen", params={"textDocument": {
+        "uri": uri, "languageId": "python", "version": 1, "text": "def f():\n    <|hole|>\n"}}))
+    server.send(msg(id=11, method="dlm/fill", params={"textDocument": {"uri": uri},
+                                                      "range": {"start": {"line": 0, "character": 0}}}))
+    err = server.answer(11)["error"]
+    assert err["code"] == -32602 and "range.end" in err["message"]
+    assert "\n" not in err["message"] and "traceback" not in json.dumps(err).lower()
+    assert "/" not in err["message"] or "file:///" in err["message"]  # no source paths of ours
+    server.send(msg(id=12, method="dlm/status", params={}))
+    assert "result" in server.answer(12)
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_internal_errors_go_out_as_one_line_and_the_traceback_only_under_debug(debug, caplog):
+    from pygls.exceptions import JsonRpcInternalError
+
+    from dlm_ls.lsp_server.config import Settings
+    from dlm_ls.lsp_server.server import build_server
+
+    ls = build_server(Settings(log_level="debug" if debug else "info"))
+    sent = []
+    ls.protocol._send_data = sent.append
+    try:
+        raise KeyError("end")
+    except KeyError:
+        error = JsonRpcInternalError.of(sys.exc_info()).to_response_error()
+    ls.protocol._send_response(21, None, error)
+    (reply,) = sent
+    assert reply.error.code == -32603 and reply.error.message == "KeyError: 'end'"
+    assert (reply.error.data is not None) == debug
+    assert any("Traceback" in r.getMessage() or "raise KeyError" in r.getMessage() for r in caplog.records)
