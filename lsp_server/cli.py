@@ -161,6 +161,10 @@ def attrs_code_cache():
     depend only on that source, so they are kept in a marshal file under ~/.cache/dlm-ls, named
     after the interpreter and the installed files. The file is written once; a missing, stale or
     broken one just means a normal import. DLM_LS_NO_CODE_CACHE=1 turns it off.
+
+    Loading a marshal file runs its code, so the folder and the file must be the user's own and
+    writable by nobody else (the checks the runtime directory gets); otherwise the cache is neither
+    read nor written, and the server starts without it.
     """
     import builtins
     import hashlib
@@ -180,8 +184,14 @@ def attrs_code_cache():
     except (AttributeError, OSError, ImportError):
         yield
         return
+    if not _ours_and_private(base, directory=True):  # another user's or a shared folder: never load code from it
+        yield
+        return
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as f:
+            if not _ours_and_private(f.fileno()):
+                raise ValueError(f"{path} is not ours alone")
             cache = marshal.load(f)
         fresh = None
     except (OSError, EOFError, ValueError, TypeError):
@@ -210,6 +220,23 @@ def attrs_code_cache():
             with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
                 marshal.dump(fresh, f)
             os.replace(tmp, path)
+
+
+def _ours_and_private(target, directory: bool = False) -> bool:
+    """`target` (a path, not followed if a link, or an open fd) belongs to this user and no one else may write it.
+
+    A missing folder counts as private: it is created with mode 0700 when the cache is written.
+    """
+    import stat
+
+    try:
+        st = os.fstat(target) if isinstance(target, int) else os.lstat(target)
+    except FileNotFoundError:
+        return directory
+    except OSError:
+        return False
+    kind_ok = stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)
+    return kind_ok and st.st_uid == os.getuid() and not stat.S_IMODE(st.st_mode) & 0o022
 
 
 # --------------------------------------------------------------------------- complete

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -90,3 +91,42 @@ def test_serve_answers_initialize_with_and_without_its_code_cache(tmp_path, monk
     second = one_run(command, with_status=True)  # reads it
     assert first["wall_ms"] > 0 and second["torch_loaded"] is False
     assert list((tmp_path / "dlm-ls").glob("attrs-code-*.marshal")) == cached
+
+
+@pytest.mark.parametrize("unsafe", ["folder-0777", "file-0666", "other-owner"])
+def test_a_planted_code_cache_is_never_run_unless_ours_and_private(tmp_path, monkeypatch, unsafe):
+    import marshal
+
+    from dlm_ls.lsp_server.bench_startup import one_run
+
+    if unsafe == "other-owner" and os.getuid() != 0:
+        pytest.skip("chown to another user needs root")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    command = [sys.executable, "-m", "dlm_ls.lsp_server.cli", "serve", "--model", str(tmp_path / "no-model")]
+    one_run(command)  # a genuine cache, to learn the keys the server looks up
+    (path,) = (tmp_path / "dlm-ls").glob("attrs-code-*.marshal")
+    marker = tmp_path / "planted-code-ran"
+    planted = compile(f"open({str(marker)!r}, 'w').close()", "<planted>", "exec")
+    keys = list(marshal.loads(path.read_bytes()))
+
+    def plant() -> None:
+        path.write_bytes(marshal.dumps({key: planted for key in keys}))
+        path.chmod(0o600)
+
+    plant()
+    if unsafe == "folder-0777":
+        path.parent.chmod(0o777)
+    elif unsafe == "file-0666":
+        path.chmod(0o666)
+    else:
+        os.chown(path.parent, 65534, 65534)
+        os.chown(path, 65534, 65534)
+    started = one_run(command, with_status=True)
+    assert not marker.exists() and started["torch_loaded"] is False  # started normally, without the file's code
+    # the same file where it is ours and private is loaded: the check above is what kept it out
+    if unsafe != "other-owner":
+        path.parent.chmod(0o700)
+        plant()  # (a rejected file in our own folder was replaced by a fresh, private cache)
+        with contextlib.suppress(Exception):
+            one_run(command)
+        assert marker.exists()
