@@ -264,6 +264,7 @@ class WorkerClient:
     async def connection(self) -> Connection:
         """The live connection, connecting (and spawning the worker) when there is none."""
         async with self._lock:
+            self._reap()  # a killed worker's exit can land just after its socket closed: check every call
             if self.conn is not None and not self.conn.closed:
                 return self.conn
             if self.conn is not None:
@@ -271,6 +272,11 @@ class WorkerClient:
                 log.warning("worker connection lost (%s); reconnecting", self.conn.close_reason)
             self.conn = await self._connect_or_spawn()
             return self.conn
+
+    def _reap(self) -> None:
+        """Collect the exit status of workers this server started that have ended (no zombies)."""
+        if self.spawned:
+            self.spawned = [proc for proc in self.spawned if proc.poll() is None]
 
     async def _connect_or_spawn(self) -> Connection:
         rpc.ensure_private_dir(self.endpoint.socket.parent)
@@ -380,8 +386,7 @@ class WorkerClient:
         if self.conn is not None:
             await self.conn.close()
             self.conn = None
-        for proc in self.spawned:
-            proc.poll()  # reap it if it already exited
+        self._reap()
 
 
 # --------------------------------------------------------------------------- in-process engine

@@ -375,8 +375,15 @@ async def test_two_servers_share_one_worker_that_loaded_the_model_once(tiny_mode
     assert (own_run / next(own_run.glob("*.log")).name).read_text().count("listening on") == 1
 
 
-async def test_killing_the_worker_mid_request_is_recovered(tiny_model_dir, shared_run):
-    async with session(tiny_model_dir, shared_run, SLOW) as s:
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False  # gone: reaped
+
+
+async def test_killing_the_worker_mid_request_is_recovered(tiny_model_dir, own_run):
+    async with session(tiny_model_dir, own_run, SLOW) as s:  # this server spawns the worker it kills
         uri = "file:///w/kill.py"
         s.open(uri, SOURCE)
         at = utf16_position(SOURCE, len(SOURCE) - 1)
@@ -391,6 +398,7 @@ async def test_killing_the_worker_mid_request_is_recovered(tiny_model_dir, share
         status = await s.status()
         assert status["worker_pid"] not in (None, first_pid)
         assert status["backend"]["restarts"] == 1
+        assert not _zombie(first_pid)  # the server that started it collected its exit status
 
 
 async def test_in_process_mode_completes_without_a_worker(tiny_model_dir, own_run):
