@@ -13,7 +13,7 @@ STAMP := $(VENV)/.dlm-ls-installed
 TORCH ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: demo test venv bench bench-startup bench-train train clean
+.PHONY: demo test fuzz venv bench bench-startup bench-train train clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The fuzz suite at ten times its `make test` size (tests/test_fuzz.py, tests/test_protocol.py).
+fuzz: $(STAMP)
+	DLM_LS_FUZZ_EXAMPLES=60 $(PY) -m pytest -q tests/test_fuzz.py tests/test_protocol.py
 
 # Every benchmark (quality, ratio, step, latency) on the CPU, or the GPU when present; then the
 # README's results table is regenerated from the JSON they write (never typed by hand).

@@ -12,6 +12,7 @@ one clear log line and a non-zero exit, since the bytes after it cannot be frame
   params that do not fit the type -32602 InvalidParams, naming the first bad field
   a request before `initialize`   -32002 ServerNotInitialized
   a request after `shutdown`      -32600 InvalidRequest
+  a notification sent with an id  -32600 InvalidRequest (not carried out: JSON-RPC would owe it no answer)
   an unknown method               -32601 (pygls)
 Notifications that fail the same checks are logged once per method and dropped, as JSON-RPC
 requires (a notification is never answered). An error reply to `"id": null` carries the member.
@@ -105,6 +106,8 @@ class AnsweringProtocol:
         if is_request or "method" in data:
             if not self._lifecycle_allows(data, is_request):
                 return
+        if is_request and _is_notification_method(self.get_message_type(method)):
+            return self._answer_error(data["id"], INVALID_REQUEST, f"{method} is a notification: send it without an id")
         try:
             message = self.structure_message(data)
         except RecursionError:
@@ -135,6 +138,12 @@ class AnsweringProtocol:
                 self._warn_once(method, "the server is not initialized yet")
             return False
         return True
+
+
+def _is_notification_method(message_type) -> bool:
+    """lsprotocol's message class for a notification method has no id field (a request's has)."""
+    fields = getattr(message_type, "__attrs_attrs__", None)
+    return fields is not None and not any(f.name == "id" for f in fields)
 
 
 _CONTENT_LENGTH = re.compile(rb"content-length[ \t]*:[ \t]*(-?\d+)", re.IGNORECASE)

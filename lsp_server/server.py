@@ -1003,9 +1003,12 @@ def apply_settings(ls: DlmServer, data: Any, source: str) -> None:
 
 
 class _KnownErrorFilter(logging.Filter):
-    """pygls logs a traceback for every error reply; ours were already logged in one line."""
+    """pygls logs a traceback for every error reply, and for every message whose params do not fit;
+    ours were already logged in one line (protocol.py answers or logs those once)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "Unable to deserialize message\n%s":
+            return False
         exc = record.exc_info[1] if record.exc_info else None
         data = getattr(exc, "data", None)
         return not (isinstance(data, dict) and "code" in data)

@@ -38,7 +38,13 @@ class RawServer:
                                       "--device", "cpu", "--in-process"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=env)
         self.frames: queue.Queue = queue.Queue()
+        self.log = bytearray()  # stderr, drained as it comes: a full pipe would stall the server
         threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._drain_log, daemon=True).start()
+
+    def _drain_log(self) -> None:
+        for line in self.proc.stderr:
+            self.log += line
 
     def _read(self) -> None:
         out = self.proc.stdout
@@ -157,7 +163,8 @@ def test_a_content_length_over_the_limit_ends_the_stream_with_one_clear_line(ser
     initialize(server)
     server.send(b"Content-Length: 1000000000000\r\n\r\n")
     assert server.proc.wait(timeout=20) != 0
-    err = server.proc.stderr.read().decode()
+    time.sleep(0.2)  # the drain thread reads what is left
+    err = server.log.decode()
     assert "over the limit" in err and "maxMessageBytes" in err
 
 
@@ -195,3 +202,11 @@ def test_internal_errors_go_out_as_one_line_and_the_traceback_only_under_debug(d
     assert reply.error.code == -32603 and reply.error.message == "KeyError: 'end'"
     assert (reply.error.data is not None) == debug
     assert any("Traceback" in r.getMessage() or "raise KeyError" in r.getMessage() for r in caplog.records)
+
+
+def test_a_notification_method_sent_with_an_id_is_answered_invalid_request(server):
+    initialize(server)
+    server.send(msg(id=31, method="textDocument/didOpen", params={"textDocument": {
+        "uri": "untitled:c", "languageId": "python", "version": 3, "text": "x = 1\n"}}))
+    err = server.answer(31)["error"]
+    assert err["code"] == -32600 and "notification" in err["message"]
