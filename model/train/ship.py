@@ -120,8 +120,8 @@ def earlier_stages(run: Path, depth: int = 8) -> list[dict]:
         start, steps = read_log(prev)
         if not start:
             shipped = prev / STAGES_FILE
-            if shipped.exists():
-                stages += json.loads(shipped.read_text())[::-1]
+            if shipped.exists():  # (a folder re-shipped from the same run already lists that run: not twice)
+                stages += [st for st in json.loads(shipped.read_text()) if st.get("run") != str(run)][::-1]
             else:
                 stages.append({"run": source, "missing": True})
             break
