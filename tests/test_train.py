@@ -424,3 +424,12 @@ def test_a_stage_started_from_a_shipped_folder_keeps_the_whole_chain_on_its_card
     assert chain[1]["tokens"] == 3 * 2 * CFG.seq_len
     card = (final / "DATA_CARD.md").read_text()
     assert "trained in 2 stages" in card and "Resumed at step 1:" in card and "(its log is not here)" not in card
+
+
+def test_resume_keeps_the_runs_own_seed_so_its_data_order_goes_on(tokenizer, corpus_dir, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    loop.train(_run_cfg(corpus_dir, straight, steps=4, seed=3), tokenizer, progress=False)
+    loop.train(_run_cfg(corpus_dir, split, steps=2, seed=3), tokenizer, progress=False)
+    loop.train(_run_cfg(corpus_dir, split, steps=4, resume=str(split)), tokenizer, progress=False)  # no --seed given
+    a, b = _losses(straight), _losses(split)
+    assert abs(a[4] - b[4]) <= 1e-6

@@ -235,6 +235,11 @@ def train(cfg: TrainConfig, tokenizer=None, progress: bool = True, command: str 
     if cfg.resume:
         folder = _checkpoint_dir(cfg.resume)
         state = torch.load(folder / "train_state.pt", weights_only=True)
+        saved_seed = (state.get("config") or {}).get("seed")
+        if saved_seed is not None and saved_seed != cfg.seed:  # the data position is (seed, step): keep the run's
+            print(f"resuming with the run's own --seed {saved_seed} (not {cfg.seed}), so its data order goes on",
+                  file=sys.stderr)
+            cfg = dataclasses.replace(cfg, seed=saved_seed)
         model_cfg = load.load_config(folder)
     elif cfg.init_from:
         folder = _checkpoint_dir(cfg.init_from)

@@ -121,7 +121,8 @@ def earlier_stages(run: Path, depth: int = 8) -> list[dict]:
         if not start:
             shipped = prev / STAGES_FILE
             if shipped.exists():  # (a folder re-shipped from the same run already lists that run: not twice)
-                stages += [st for st in json.loads(shipped.read_text()) if st.get("run") != str(run)][::-1]
+                here = run.resolve()  # (runs/campaign may be a link to the run's own folder)
+                stages += [st for st in json.loads(shipped.read_text()) if Path(st.get("run", "")).resolve() != here][::-1]
             else:
                 stages.append({"run": source, "missing": True})
             break
