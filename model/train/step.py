@@ -23,6 +23,7 @@ nor the schedule, nor checkpoint folders.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,7 +196,7 @@ class TrainStep:
         self.opt = make_optimizer(self.master.parameters() if self.master else model, cfg)
         self.hidden = torch.compile(hidden_states, dynamic=False) if variant.compile else hidden_states
         on_gpu = next(model.parameters()).is_cuda
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else _no_autocast
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else contextlib.nullcontext
 
     def params(self) -> list[Tensor]:
         """What the optimizer updates (and what gradient clipping reads)."""
@@ -228,10 +229,3 @@ class TrainStep:
         twin.load_state_dict(self.master.fp32_state(), strict=False)
         return twin
 
-
-class _no_autocast:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
