@@ -42,7 +42,7 @@ bench: $(STAMP)
 # The training step in each variant (fp32, fused head, compiled, bf16 weights), threads 1 and 2:
 # bench/results/train-cpu.json. Needs the corpus (`dlm-ls corpus --out data/corpus`).
 bench-train: $(STAMP)
-	$(PY) -m dlm_ls.lsp_server.cli bench train --threads 1,2 --batch-sizes 6,12 --steps 3
+	$(VENV)/bin/dlm-ls bench train --threads 1,2 --batch-sizes 6,12 --steps 3
 
 # The model campaign (docs/training.md): start or resume the default model's training in the
 # background, so that it outlives the shell. Resumes $(RUN) exactly when it survived on this
@@ -53,12 +53,12 @@ TRAIN_THREADS ?= 1
 TRAIN_FLAGS ?= --preset small --batch-size 6 --seq-len 512 --lr 1e-3 --warmup 50 --eval-batches 6 \
 	--ctx-loss-weight 1.0 --ctx-fraction 1.0 --checkpoint-minutes 10
 train: $(STAMP)
-	test -f data/corpus/train.jsonl || $(PY) -m dlm_ls.lsp_server.cli corpus --out data/corpus \
+	test -f data/corpus/train.jsonl || $(VENV)/bin/dlm-ls corpus --out data/corpus \
 		--test-packages filelock,pluggy,pygments --validation-packages h11,pydantic,pytest
 	test -f data/tokenizer.json || cp model/default/tokenizer.json data/tokenizer.json
 	mkdir -p $(RUN)
 	if test -f $(RUN)/latest/train_state.pt; then from="--resume $(RUN)"; else from="--init-from model/default"; fi; \
-	setsid nohup $(PY) -m dlm_ls.lsp_server.cli train $(TRAIN_FLAGS) --out $(RUN) $$from \
+	setsid nohup $(VENV)/bin/dlm-ls train $(TRAIN_FLAGS) --out $(RUN) $$from \
 		--max-minutes $(TRAIN_MINUTES) --threads $(TRAIN_THREADS) >> $(RUN)/stdout.log 2>&1 < /dev/null & \
 	echo "training in the background: tail -f $(RUN)/log.jsonl"
 
