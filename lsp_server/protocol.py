@@ -103,9 +103,8 @@ class AnsweringProtocol:
                 else self._warn_once("", '"method" must be a string')
         if is_request and not isinstance(data["id"], (int, str)) and data["id"] is not None:
             return self._answer_error(None, INVALID_REQUEST, '"id" must be a number or a string')
-        if is_request or "method" in data:
-            if not self._lifecycle_allows(data, is_request):
-                return
+        if "method" in data and not self._lifecycle_allows(data, is_request):
+            return
         if is_request and _is_notification_method(self.get_message_type(method)):
             return self._answer_error(data["id"], INVALID_REQUEST, f"{method} is a notification: send it without an id")
         try:
