@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         if cmd == "serve":
             return cmd_serve(rest, debug)
         if cmd == "worker":
-            return _delegate("dlm_ls.model.worker", cmd, rest + (["--debug"] if debug else []))
+            return _delegate("dlm_ls.worker.server", cmd, rest + (["--debug"] if debug else []))
         if cmd == "complete":
             return cmd_complete(rest, debug)
         if cmd in DELEGATED:

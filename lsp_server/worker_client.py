@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from . import rpc
+from ..worker import protocol as rpc
 from .config import Settings
 from .errors import DlmError
 
@@ -398,7 +398,7 @@ class InProcessBackend:
     in_process = True
 
     def __init__(self, settings: Settings):
-        from dlm_ls.model.worker import Scheduler  # torch arrives here, and only here
+        from dlm_ls.worker.server import Scheduler  # torch arrives here, and only here
 
         self.settings = settings
         self.model_dir = resolve_model_dir(settings.model)

@@ -229,7 +229,7 @@ SLOW_ENGINE = {"canvas_lengths": [16], "max_tokens": 16, "block_size": 16, "max_
 def scheduler(tiny_model_dir):
     import torch
 
-    from dlm_ls.model.worker import Scheduler
+    from dlm_ls.worker.server import Scheduler
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -286,7 +286,7 @@ def test_a_low_priority_request_waits_for_the_normal_ones(scheduler):
 
 def test_bad_priority_is_refused():
     from dlm_ls.lsp_server.errors import DlmError
-    from dlm_ls.model.worker import check_infill_params
+    from dlm_ls.worker.server import check_infill_params
 
     with pytest.raises(DlmError, match="priority"):
         check_infill_params({"segments": ["a", "b"], "priority": "urgent"})

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dlm_ls.lsp_server import rpc
+from dlm_ls.worker import protocol as rpc
 from dlm_ls.lsp_server.errors import DlmError
 
 FAST = {"canvas_lengths": [4], "max_tokens": 4, "max_steps": 4}
@@ -62,7 +62,7 @@ class Waiter:
 
 @pytest.fixture
 def scheduler(infiller):
-    from dlm_ls.model.worker import Scheduler
+    from dlm_ls.worker.server import Scheduler
 
     s = Scheduler(None, infiller=infiller, max_jobs=2)
     s.start()
@@ -288,7 +288,7 @@ def test_worker_exits_after_idle_timeout(tiny_model_dir, tmp_path):
 def test_captured_step_setting_reaches_the_engine(tiny_model_dir):
     """--captured-step / capturedStep: the worker's engine steps at bucketed shapes (eagerly on a CPU)."""
     from dlm_ls.lsp_server.config import Settings
-    from dlm_ls.model.worker import Scheduler
+    from dlm_ls.worker.server import Scheduler
 
     settings, problems = Settings().merged({"capturedStep": True})
     assert not problems and settings.captured_step

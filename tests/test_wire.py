@@ -9,7 +9,7 @@ import stat
 import msgpack
 import pytest
 
-from dlm_ls.lsp_server import rpc
+from dlm_ls.worker import protocol as rpc
 from dlm_ls.lsp_server.errors import DlmError
 
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..lsp_server import rpc
+from . import protocol as rpc
 from ..lsp_server.errors import DlmError
 
 log = logging.getLogger("dlm_ls.worker")
@@ -106,7 +106,7 @@ class Scheduler:
                  self.info.get("device"), self.info.get("dtype"), self.info.get("parameters"), self.load_s)
 
     def _load(self, model_dir, device, dtype, max_context_tokens, captured_step=False):
-        from .infill import Infiller
+        from ..model.infill import Infiller
 
         kwargs: dict[str, Any] = {"model_dir": model_dir, "device": device, "dtype": dtype}
         if captured_step:
@@ -199,7 +199,7 @@ class Scheduler:
                 done(None, DlmError("internal", f"{method} failed: {type(exc).__name__}: {exc}"))
 
     def _start(self, req: Request) -> None:
-        from .infill import InfillError
+        from ..model.infill import InfillError
 
         self.counters["requests"] += 1
         if len(self.live) >= self.max_jobs:
@@ -296,7 +296,7 @@ class Scheduler:
         if method == "status":
             return self.status()
         if method == "warm":
-            from .infill import InfillError
+            from ..model.infill import InfillError
 
             segs = params.get("segments")
             if not isinstance(segs, list) or not all(isinstance(s, str) for s in segs):

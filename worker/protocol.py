@@ -25,7 +25,7 @@ from typing import Any
 
 import msgpack
 
-from .errors import DlmError
+from ..lsp_server.errors import DlmError
 
 REQUEST, RESPONSE, NOTIFY = 0, 1, 2
 MAX_FRAME_BYTES = 8 * 1024 * 1024  # a 16k-character context each side is ~100 kB; 8 MB is a bug or an attack

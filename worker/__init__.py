@@ -1,0 +1,1 @@
+"""The shared worker process: the wire protocol both ends speak, the scheduler and the socket server."""
