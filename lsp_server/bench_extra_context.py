@@ -185,13 +185,13 @@ def run_task(inf, task: Task, settings: Settings, with_chunks: bool) -> dict:
                 "nll_tokens": 0}
     score = inf.score_middle(plan.segments(), task.expected)
     t0 = time.perf_counter()
-    result = inf.complete(plan.segments(), mode=plan.mode, **plan.overrides).to_dict()
+    result = inf.complete(plan.segments(), mode=plan.mode, **plan.overrides)
     ms = (time.perf_counter() - t0) * 1000
     text = choose_completion(doc, task.offset, plan, result) or ""
     line = text.split("\n", 1)[0]
     return {"task": task.name, "kind": task.kind, "suggestion": line, "expected": task.expected,
             "exact": line.strip() == task.expected, "similarity": round(similarity(line.strip(), task.expected), 4),
-            "ms": round(ms, 2), "nfe": result["nfe"], "preamble_chars": len(preamble),
+            "ms": round(ms, 2), "nfe": result.nfe, "preamble_chars": len(preamble),
             "chunk_found": None if task.target_def is None else task.target_def in preamble,
             "nll": round(score["nll"], 4), "nll_tokens": score["tokens"]}
 

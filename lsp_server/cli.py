@@ -298,15 +298,15 @@ def cmd_complete(rest: list[str], debug: bool) -> int:
         print(json.dumps({"suggestion": outcome.text, "line": args.line, "col": args.col,
                           "mode": outcome.plan.mode if outcome.plan else None,
                           "reason": outcome.plan.reason if outcome.plan else "no completion here",
-                          "ms": round(outcome.ms, 1), "model_ms": r.get("ms"), "nfe": r.get("nfe"),
-                          "steps": r.get("steps"), "canvas_length": r.get("canvas_length")}, ensure_ascii=False))
+                          "ms": round(outcome.ms, 1), "model_ms": r and r.ms, "nfe": r and r.nfe,
+                          "steps": r and r.steps, "canvas_length": r and r.canvas_length}, ensure_ascii=False))
         return 0
     if outcome.text is None:
         why = outcome.plan.reason if outcome.plan else "no completion belongs here"
         print(f"(no suggestion at {args.line}:{args.col}: {why})", file=sys.stderr)
         return 0
     print(outcome.text)
-    print(f"({outcome.ms:.0f} ms, {r.get('nfe', 0)} forward passes, {r.get('steps', 0)} steps)", file=sys.stderr)
+    print(f"({outcome.ms:.0f} ms, {r.nfe if r else 0} forward passes, {r.steps if r else 0} steps)", file=sys.stderr)
     return 0
 
 
@@ -317,9 +317,9 @@ async def _complete(doc, offset: int, settings, show_steps: bool):
     backend = make_backend(settings)
     on_step = None
     if show_steps:
-        def on_step(update: dict) -> None:
-            text = (update.get("text") or [""])[0]
-            print(f"step {update.get('step', '?'):>3}: {text!r}", file=sys.stderr)
+        def on_step(update) -> None:
+            text = (update.text or [""])[0]
+            print(f"step {update.step:>3}: {text!r}", file=sys.stderr)
     try:
         return await run_completion(backend, doc, offset, settings, f"complete:{os.getpid()}", on_step=on_step)
     finally:

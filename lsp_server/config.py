@@ -13,7 +13,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import DlmError
+from ..worker.config import WorkerConfig
+from ..worker.protocol import DlmError
+
+WORKER = WorkerConfig()  # the worker's defaults, which these settings share
 
 # Sampler fields the client may override per server; None means "the checkpoint's sampler.json".
 SAMPLER_KEYS = ("strategy", "threshold", "max_steps", "block_size", "canvas_lengths", "max_tokens", "temperature")
@@ -21,23 +24,23 @@ SAMPLER_KEYS = ("strategy", "threshold", "max_steps", "block_size", "canvas_leng
 
 @dataclass
 class Settings:
-    model: str | None = None  # checkpoint folder; None = the shipped default model (model/default)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N; auto takes the GPU when torch sees one
-    dtype: str | None = None  # fp32 | bf16 | fp16; None = bf16 on a GPU, fp32 on a CPU
+    model: str | None = WORKER.model  # checkpoint folder; None = the shipped default model (model/default)
+    device: str = WORKER.device  # auto | cpu | cuda | cuda:N; auto takes the GPU when torch sees one
+    dtype: str | None = WORKER.dtype  # fp32 | bf16 | fp16; None = bf16 on a GPU, fp32 on a CPU
     in_process: bool = False  # run the engine inside the server (tests, single-user setups); imports torch
     # Replay the refinement step as a CUDA graph at bucketed shapes (model/captured.py). GPU only; a
     # worker already running for the model and device keeps the setting it was started with.
-    captured_step: bool = False
+    captured_step: bool = WORKER.captured_step
     # A message whose Content-Length is above this ends the stream (its bytes cannot be framed): one
     # clear log line and a non-zero exit, never a multi-GB read.
     max_message_bytes: int = 64 << 20
-    idle_timeout_s: float = 600.0  # a worker with no request for this long exits and frees its memory
+    idle_timeout_s: float = WORKER.idle_timeout_s  # a worker with no request for this long exits
     spawn_timeout_s: float = 180.0  # how long a new worker may take to import torch and load the model
     request_timeout_s: float = 60.0  # one completion, end to end; then a clear error, never a hang
     debounce_ms: int = 15  # wait this long for the next keystroke before asking the model (0 = never wait)
     max_context_chars: int = 16_000  # each side of the cursor; the engine then cuts to its token budget
-    max_context_tokens: int | None = None  # passed to the engine when set; None = the engine's own limit
-    max_jobs: int = 32  # concurrent requests one worker accepts; more get a "busy" error
+    max_context_tokens: int | None = WORKER.max_context_tokens  # None = the engine's own limit
+    max_jobs: int = WORKER.max_jobs  # concurrent requests one worker accepts; more get a "busy" error
     stream_refinement: bool = False  # send dlm/refinement notifications with each refinement step
     # textDocument/completion: "auto" serves it only to clients without inline completion (VS Code
     # would otherwise show every suggestion twice and run the model twice per keystroke).
@@ -76,6 +79,13 @@ class Settings:
         if "canvas_lengths" in out:
             out["canvas_lengths"] = list(out["canvas_lengths"])
         return out
+
+    def worker_config(self, **where: Any) -> WorkerConfig:
+        """The worker these settings ask for (`where`: its model folder and socket, once resolved)."""
+        mine = {"model": self.model, "device": self.device, "dtype": self.dtype,
+                "idle_timeout_s": self.idle_timeout_s, "max_jobs": self.max_jobs,
+                "max_context_tokens": self.max_context_tokens, "captured_step": self.captured_step}
+        return WorkerConfig(**{**mine, **where})
 
     def public(self) -> dict[str, Any]:
         """What `dlm/status` and the start-up log show."""

@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = p.parse_args(argv)
     if args.model is None:
-        from .worker_client import default_model_dir
+        from ..worker.protocol import default_model_dir
 
         if not (default_model_dir() / "config.json").is_file():
             print(f"dlm-ls demo: the shipped default model is missing ({default_model_dir()}).\n"

@@ -1,13 +1,14 @@
-"""The one error type of the language server, and the one place it becomes an LSP error.
+"""The one place an error becomes an LSP error.
 
 Every module below the handlers (documents, policy, worker client, config) raises `DlmError`
-with a short symbolic code and a message meant for the user. `to_lsp` turns it into the
-JSON-RPC error that pygls sends back. This module knows nothing of models or sockets.
+(defined with its symbolic codes in the wire protocol, worker/protocol.py, since the worker raises
+the same errors) with a message meant for the user. `to_lsp` turns it into the JSON-RPC error that
+pygls sends back. This module knows nothing of models or sockets.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from ..worker.protocol import CODES, DlmError
 
 # JSON-RPC / LSP error codes (LSP 3.17 "ErrorCodes" and "LSPErrorCodes").
 INVALID_REQUEST = -32600
@@ -20,7 +21,7 @@ SERVER_CANCELLED = -32802
 CONTENT_MODIFIED = -32801
 REQUEST_CANCELLED = -32800
 
-# Symbolic codes, shared with the worker's msgpack-RPC errors, and the LSP code each becomes.
+# The LSP code each symbolic code (worker/protocol.py CODES) becomes.
 LSP_CODES: dict[str, int] = {
     "invalid_params": INVALID_PARAMS,
     "invalid_position": INVALID_PARAMS,
@@ -39,35 +40,9 @@ LSP_CODES: dict[str, int] = {
     "protocol_error": INTERNAL_ERROR,
     "internal": INTERNAL_ERROR,
 }
+assert set(LSP_CODES) == set(CODES), "every symbolic error code needs its LSP code"
 
-
-class DlmError(Exception):
-    """A failure with a message a user can act on. `code` is one of LSP_CODES."""
-
-    def __init__(self, code: str, message: str, data: Any = None):
-        super().__init__(message)
-        self.code = code if code in LSP_CODES else "internal"
-        self.message = message
-        self.data = data
-
-    def __str__(self) -> str:
-        return self.message
-
-    def __repr__(self) -> str:
-        return f"DlmError({self.code!r}, {self.message!r})"
-
-    def as_dict(self) -> dict[str, Any]:
-        """The msgpack-RPC error form: {"code": ..., "message": ...}."""
-        out: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.data is not None:
-            out["data"] = self.data
-        return out
-
-    @classmethod
-    def from_dict(cls, err: Any) -> "DlmError":
-        if isinstance(err, dict):
-            return cls(str(err.get("code", "worker_error")), str(err.get("message", err)), err.get("data"))
-        return cls("worker_error", str(err))
+__all__ = ["DlmError", "LSP_CODES", "to_lsp"]
 
 
 def to_lsp(exc: BaseException):

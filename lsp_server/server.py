@@ -29,7 +29,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from lsprotocol import types as lsp
@@ -42,7 +42,8 @@ from .config import Settings
 from .errors import DlmError, to_lsp
 from .policy import CompletionPolicy, Speculation, context_key
 from .protocol import AnsweringProtocol, StreamError, read_messages
-from .worker_client import InProcessBackend, WorkerClient, in_thread, make_backend
+from .worker_client import Backend, WorkerClient, in_thread, make_backend
+from ..worker.protocol import InfillReply, InfillRequest, StepUpdate, WarmRequest
 
 NAME, VERSION = "dlm-ls", "0.1.0"
 STATUS = "dlm/status"
@@ -91,10 +92,10 @@ class Plan:
 class Outcome:
     text: str | None  # the cleaned suggestion, None when there is nothing worth showing
     plan: Plan | None
-    result: dict[str, Any] = field(default_factory=dict)  # the worker's: middles, nfe, steps, ms, ...
+    result: InfillReply | None = None  # the worker's answer, when the model was asked
     ms: float = 0.0
     cached: bool = False
-    request: dict[str, Any] | None = None  # what was (or would have been) sent to the worker
+    request: InfillRequest | None = None  # what was (or would have been) sent to the worker
     stale: bool = False  # the document changed while the model ran: nothing is shown
     source: str = "model"  # model | cache | speculative | type_through | none (no region)
 
@@ -178,15 +179,14 @@ def plan_completion(doc: D.Document, offset: int, settings: Settings, preamble: 
     return Plan(prefix, suffix, region.kind, overrides, region.reason, region, preamble)
 
 
-def completion_request(plan: Plan, rid: str, cache_key: str | None, stream: bool = False) -> dict[str, Any]:
-    """The worker's infill params for a plan."""
-    return {"id": rid, "segments": plan.segments(), "mode": plan.mode, "cache_key": cache_key,
-            "overrides": plan.overrides, "stream": stream}
+def completion_request(plan: Plan, rid: str, cache_key: str | None, stream: bool = False) -> InfillRequest:
+    """The worker's infill request for a plan."""
+    return InfillRequest(plan.segments(), rid, plan.mode, plan.overrides, cache_key=cache_key, stream=stream)
 
 
-def request_key(params: dict[str, Any]) -> str:
+def request_key(request: InfillRequest) -> str:
     """The suggestion cache's key for a request: its context, not its document or id."""
-    return context_key(params["segments"], params["mode"], params.get("overrides") or {})
+    return context_key(request.segments, request.mode, request.overrides)
 
 
 def finish_completion(doc: D.Document, offset: int, plan: Plan, middle: str) -> str | None:
@@ -196,12 +196,12 @@ def finish_completion(doc: D.Document, offset: int, plan: Plan, middle: str) -> 
     return _syntax()[2].clean_completion(text, at, middle, doc.language_id, plan.region, tree)
 
 
-def choose_completion(doc: D.Document, offset: int, plan: Plan, result: dict[str, Any],
+def choose_completion(doc: D.Document, offset: int, plan: Plan, result: InfillReply,
                       parse_filter: bool = True) -> str | None:
     """Among the worker's candidate lengths (best score first), the cleaned one that leaves the file
     parsing best (postprocess.choose_best), or without `parse_filter` the first that survives
     cleaning; None to show nothing."""
-    candidates = [c[0] for c in result.get("candidates") or () if c] or list(result.get("middles") or ())[:1]
+    candidates = [c[0] for c in result.candidates if c] or result.middles[:1]
     if not parse_filter:
         return next((t for c in candidates if (t := finish_completion(doc, offset, plan, c)) is not None), None)
     if not candidates:
@@ -210,8 +210,8 @@ def choose_completion(doc: D.Document, offset: int, plan: Plan, result: dict[str
     return _syntax()[2].choose_best(text, at, candidates, doc.language_id, plan.region, tree)
 
 
-async def ask_model(backend, doc: D.Document, offset: int, plan: Plan, params: dict[str, Any],
-                    settings: Settings, on_step: Callable[[dict], None] | None = None) -> Outcome:
+async def ask_model(backend: Backend, doc: D.Document, offset: int, plan: Plan, params: InfillRequest,
+                    settings: Settings, on_step: Callable[[StepUpdate], None] | None = None) -> Outcome:
     """Send a planned request to the worker and clean its answer."""
     t0 = time.perf_counter()
     text_at_plan = doc.text  # str is immutable: any edit while the model runs replaces this object
@@ -226,8 +226,8 @@ async def ask_model(backend, doc: D.Document, offset: int, plan: Plan, params: d
                    request=params)
 
 
-async def run_completion(backend, doc: D.Document, offset: int, settings: Settings, rid: str,
-                         on_step: Callable[[dict], None] | None = None) -> Outcome:
+async def run_completion(backend: Backend, doc: D.Document, offset: int, settings: Settings, rid: str,
+                         on_step: Callable[[StepUpdate], None] | None = None) -> Outcome:
     """Plan, ask the worker, clean up, with no cache and no other documents: `dlm-ls complete`."""
     t0 = time.perf_counter()
     plan = plan_completion(doc, offset, settings)
@@ -295,7 +295,7 @@ class DlmServer(LanguageServer):
         self.settings = settings
         self.docs = D.DocumentStore(D.UTF16)
         self.policy = CompletionPolicy(settings.debounce_ms, settings.cache_entries)
-        self.backend: WorkerClient | InProcessBackend | None = None
+        self.backend: Backend | None = None
         self.backend_error: DlmError | None = None
         self.started = time.monotonic()
         self.shutdown_requested = False
@@ -317,11 +317,11 @@ class DlmServer(LanguageServer):
 
     # -- the model behind us
 
-    async def get_backend(self) -> WorkerClient | InProcessBackend:
+    async def get_backend(self) -> Backend:
         async with self._backend_lock:  # one backend, however many requests ask for it at once
             return await self._make_backend()
 
-    async def _make_backend(self) -> WorkerClient | InProcessBackend:
+    async def _make_backend(self) -> Backend:
         if self.backend is None:
             try:
                 if self.settings.in_process:
@@ -487,7 +487,8 @@ class DlmServer(LanguageServer):
         plan = plan_completion(doc, offset, self.settings, preamble, max_chars)
         if plan is None:
             return
-        params = {**completion_request(plan, f"{os.getpid()}:{rid}", spec.uri), "priority": "low"}
+        params = completion_request(plan, f"{os.getpid()}:{rid}", spec.uri)
+        params.priority = "low"
         spec.key = request_key(params)
         if self.policy.cache.get(spec.key) is not None:
             return
@@ -528,31 +529,34 @@ class DlmServer(LanguageServer):
             self._preambles.move_to_end(key)
         return text, max_chars
 
-    def _streamer(self, uri: str, rid: str) -> Callable[[dict], None]:
-        def send(update: dict) -> None:
-            self.protocol.notify(REFINEMENT, {"uri": uri, "requestId": rid, "step": update.get("step"),
-                                              "text": update.get("text"), "ms": update.get("ms")})
+    def _streamer(self, uri: str, rid: str) -> Callable[[StepUpdate], None]:
+        def send(update: StepUpdate) -> None:
+            self.protocol.notify(REFINEMENT, {"uri": uri, "requestId": rid, "step": update.step,
+                                              "text": update.text, "ms": update.ms})
         return send
 
     def _account(self, out: Outcome) -> None:
         p = self.policy
         p.latency.record("total", out.ms)
         p.latency.record(f"served_{out.source}", out.ms)  # how fast each kind of answer is
-        if out.result:
-            p.latency.record("model", float(out.result.get("ms", 0.0)))
-            p.counters["nfe"] += int(out.result.get("nfe", 0))
-        p.counters["stale" if out.stale else "empty" if out.text is None else "suggestions"] += 1
         r = out.result
+        if r is not None:
+            p.latency.record("model", r.ms)
+            p.counters["nfe"] += r.nfe
+            p.counters["prefill_tokens"] += r.prefill_tokens  # context the worker's cache did not hold
+        p.counters["stale" if out.stale else "empty" if out.text is None else "suggestions"] += 1
+        model = {"nfe": r.nfe, "steps": r.steps, "prefill_tokens": r.prefill_tokens,
+                 "canvas_length": r.canvas_length} if r is not None else {}
         self.last_request = {"ms": round(out.ms, 2), "cached": out.cached, "source": out.source,
                              "suggested": out.text is not None,
                              "prefix_chars": len(out.plan.prefix) if out.plan else 0,
                              "suffix_chars": len(out.plan.suffix) if out.plan else 0,
                              "extra_context_chars": len(out.plan.preamble) if out.plan else 0,
                              "mode": out.plan.mode if out.plan else None,
-                             **{k: r[k] for k in ("nfe", "steps", "prefill_tokens", "canvas_length") if k in r}}
+                             **model}
         log.info("%s from %s in %.0f ms (model %.0f ms, nfe %s, steps %s, canvas %s, %s): %r",
-                 "suggestion" if out.text else "nothing", out.source, out.ms, r.get("ms", 0.0), r.get("nfe", "-"),
-                 r.get("steps", "-"), r.get("canvas_length", "-"), out.plan.reason if out.plan else "-",
+                 "suggestion" if out.text else "nothing", out.source, out.ms, r.ms if r else 0.0, model.get("nfe", "-"),
+                 model.get("steps", "-"), model.get("canvas_length", "-"), out.plan.reason if out.plan else "-",
                  (out.text or "")[:80])
 
     # -- warming the worker's context cache
@@ -586,7 +590,7 @@ class DlmServer(LanguageServer):
         prefix, suffix = prompt_window(doc, offset, self.settings, preamble, max_chars)
         try:
             backend = await self.get_backend()
-            await asyncio.wait_for(backend.warm({"cache_key": uri, "segments": [preamble + prefix, suffix]}),
+            await asyncio.wait_for(backend.warm(WarmRequest(uri, [preamble + prefix, suffix])),
                                    self.settings.request_timeout_s)
         except (DlmError, asyncio.TimeoutError) as exc:
             log.info("warming %s failed: %s", uri, exc)
@@ -629,9 +633,8 @@ class DlmServer(LanguageServer):
         on_step = self._streamer(uri, rid) if stream else None
         if progress_token is not None:
             on_step = self._progress(progress_token, len(spans), on_step)
-        request = {"id": f"{os.getpid()}:{rid}", "segments": segments, "mode": "block",
-                   "cache_key": f"{uri}#fill", "overrides": self.settings.sampler_overrides(),
-                   "stream": on_step is not None}
+        request = InfillRequest(segments, f"{os.getpid()}:{rid}", "block", self.settings.sampler_overrides(),
+                                cache_key=f"{uri}#fill", stream=on_step is not None)
         self.policy.counters["fills"] += 1
         t0 = time.perf_counter()
         try:
@@ -644,22 +647,23 @@ class DlmServer(LanguageServer):
         if doc.text is not text_at_plan:
             raise DlmError("superseded", "the document changed while filling; ask again")
         edits = []
-        for (a, b), middle in zip(spans, result["middles"], strict=True):
+        for (a, b), middle in zip(spans, result.middles, strict=True):
             start, end = doc.position_at(a), doc.position_at(b)
             edits.append({"range": {"start": {"line": start[0], "character": start[1]},
                                     "end": {"line": end[0], "character": end[1]}}, "newText": middle})
         log.info("filled %d holes in one job in %.0f ms (nfe %s)", len(edits), (time.perf_counter() - t0) * 1000,
-                 result.get("nfe"))
-        return {"edits": edits, "version": version, "holes": len(spans), "nfe": result.get("nfe"),
-                "steps": result.get("steps"), "ms": result.get("ms")}
+                 result.nfe)
+        return {"edits": edits, "version": version, "holes": len(spans), "nfe": result.nfe,
+                "steps": result.steps, "ms": result.ms}
 
-    def _progress(self, token: Any, holes: int, then: Callable[[dict], None] | None) -> Callable[[dict], None]:
+    def _progress(self, token: Any, holes: int,
+                  then: Callable[[StepUpdate], None] | None) -> Callable[[StepUpdate], None]:
         """$/progress for a client-given workDoneToken: a report per refinement step."""
         self.work_done_progress.begin(token, lsp.WorkDoneProgressBegin(
             title="dlm-ls", message=f"filling {holes} hole{'s' * (holes != 1)}", cancellable=False))
 
-        def report(update: dict) -> None:
-            self.work_done_progress.report(token, lsp.WorkDoneProgressReport(message=f"step {update.get('step')}"))
+        def report(update: StepUpdate) -> None:
+            self.work_done_progress.report(token, lsp.WorkDoneProgressReport(message=f"step {update.step}"))
             if then is not None:
                 then(update)
         return report

@@ -1,6 +1,7 @@
 """The server's side of the worker: connect, spawn, reuse, restart, and the in-process variant.
 
-`WorkerClient` speaks msgpack-RPC (see rpc.py) to the worker of one (model folder, device)
+Both backends implement `Backend`: typed messages of worker/protocol.py in and out.
+`WorkerClient` speaks msgpack-RPC (worker/protocol.py) to the worker of one (model folder, device)
 per user. The first client spawns it (`python -m dlm_ls.lsp_server.cli worker ...`, in its own
 session so it outlives the editor), holding a lock file so two servers starting at once spawn
 one worker; later clients connect to its socket. When the worker is gone (idle timeout,
@@ -18,44 +19,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import importlib.util
 import itertools
 import logging
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
-from ..worker import protocol as rpc
+from ..worker import protocol
+from ..worker.protocol import DlmError, InfillReply, InfillRequest, StepUpdate, WarmRequest, alive, resolve_model_dir
 from .config import Settings
-from .errors import DlmError
 
 log = logging.getLogger("dlm_ls.worker_client")
 
-OnStep = Callable[[dict[str, Any]], None]
+OnStep = Callable[[StepUpdate], None]
 LOG_ROTATE_BYTES = 8 * 1024 * 1024
 
 
-def default_model_dir() -> Path:
-    """The shipped default model (model/default), found without importing the model package."""
-    spec = importlib.util.find_spec("dlm_ls.model")
-    if spec is None or not spec.submodule_search_locations:
-        raise DlmError("model_error", "the dlm_ls.model package is not installed")
-    return Path(list(spec.submodule_search_locations)[0]) / "default"
+class Backend(Protocol):
+    """What the server asks of an engine, wherever it runs."""
 
+    in_process: bool
 
-def resolve_model_dir(model: str | None) -> Path:
-    path = Path(model).expanduser() if model else default_model_dir()
-    if not (path / "config.json").is_file():
-        if model:
-            raise DlmError("model_error", f"no model checkpoint at {path} (expected config.json there)")
-        raise DlmError("model_error", f"the shipped default model is missing at {path}; "
-                                      "pass --model DIR (or the `model` setting) with a checkpoint folder")
-    return path.resolve()
+    def describe(self) -> dict[str, Any]: ...
+
+    async def infill(self, request: InfillRequest, on_step: OnStep | None = None) -> InfillReply: ...
+
+    async def warm(self, request: WarmRequest) -> Any: ...
+
+    async def status(self) -> dict[str, Any]: ...
+
+    async def close(self) -> None: ...
 
 
 def settle(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
@@ -108,7 +105,7 @@ class Connection:
 
     @classmethod
     async def open(cls, path: Path) -> "Connection":
-        reader, writer = await asyncio.open_unix_connection(str(path), limit=rpc.MAX_FRAME_BYTES)
+        reader, writer = await asyncio.open_unix_connection(str(path), limit=protocol.MAX_FRAME_BYTES)
         return cls(reader, writer)
 
     async def call(self, method: str, params: Any, on_step: OnStep | None = None,
@@ -116,7 +113,7 @@ class Connection:
         if self.closed:
             raise WorkerGone(self.close_reason)
         msgid = next(self.ids)
-        frame = rpc.encode(rpc.request(msgid, method, params))  # raises too_large before sending
+        frame = protocol.encode(protocol.request(msgid, method, params))  # raises too_large before sending
         fut = asyncio.get_running_loop().create_future()
         self.pending[msgid] = fut
         if on_step is not None and request_id is not None:
@@ -144,18 +141,18 @@ class Connection:
     async def _read_loop(self) -> None:
         try:
             while True:
-                body = await rpc.read_frame(self.reader)
+                body = await protocol.read_frame(self.reader)
                 if body is None:
                     break
-                msg = rpc.decode(body)
-                if msg.kind == rpc.RESPONSE:
+                msg = protocol.decode(body)
+                if msg.kind == protocol.RESPONSE:
                     fut = self.pending.get(msg.msgid)
                     if fut is not None and not fut.done():
                         if msg.error is not None:
                             fut.set_exception(DlmError.from_dict(msg.error))
                         else:
                             fut.set_result(msg.result)
-                elif msg.kind == rpc.NOTIFY:
+                elif msg.kind == protocol.NOTIFY:
                     self._notified(msg.method, msg.params)
         except (DlmError, ConnectionError, OSError) as exc:
             self.close_reason = f"connection to the worker broke: {exc}"
@@ -167,7 +164,7 @@ class Connection:
             listener = self.listeners.get(str(params.get("id")))
             if listener is not None:
                 try:
-                    listener(params)
+                    listener(StepUpdate.from_wire(params))
                 except Exception:  # a listener's bug must not kill the connection
                     log.exception("refinement listener failed")
         elif method == "error" and isinstance(params, dict):
@@ -197,40 +194,6 @@ class Connection:
 # --------------------------------------------------------------------------- the worker daemon
 
 
-def _probe(path: Path) -> bool:
-    """Is something accepting connections on this socket?"""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(1.0)
-    try:
-        s.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
-def _alive(path: Path, timeout: float = 5.0) -> bool:
-    """Does a worker answer a ping on this socket? (A worker being killed may still accept.)"""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        s.connect(str(path))
-        s.sendall(rpc.encode(rpc.request(0, "ping", {})))
-        data = b""
-        while len(data) < rpc.HEADER.size or len(data) < rpc.HEADER.size + rpc.HEADER.unpack(data[:4])[0]:
-            chunk = s.recv(4096)
-            if not chunk:
-                return False
-            data += chunk
-        msg = rpc.decode(data[rpc.HEADER.size:])
-        return msg.kind == rpc.RESPONSE and msg.error is None
-    except (OSError, DlmError):
-        return False
-    finally:
-        s.close()
-
-
 def _log_tail(path: Path, since: int, lines: int = 6) -> str:
     try:
         with open(path, "rb") as f:
@@ -251,7 +214,7 @@ class WorkerClient:
         self.settings = settings
         self.python = python
         self.model_dir = resolve_model_dir(settings.model)
-        self.endpoint = rpc.endpoint(self.model_dir, settings.device)
+        self.endpoint = protocol.endpoint(self.model_dir, settings.device)
         self.conn: Connection | None = None
         self.spawned: list[subprocess.Popen] = []
         self.restarts = 0
@@ -279,7 +242,7 @@ class WorkerClient:
             self.spawned = [proc for proc in self.spawned if proc.poll() is None]
 
     async def _connect_or_spawn(self) -> Connection:
-        rpc.ensure_private_dir(self.endpoint.socket.parent)
+        protocol.ensure_private_dir(self.endpoint.socket.parent)
         conn = await self._open_checked()
         if conn is not None:
             return conn
@@ -308,26 +271,19 @@ class WorkerClient:
         fd = os.open(ep.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # a second server starting now waits here, then finds the worker up
-            if _alive(ep.socket):
+            if alive(ep.socket):
                 return
             self._spawn(ep)
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
-    def _spawn(self, ep: rpc.Endpoint) -> None:
+    def _spawn(self, ep: protocol.Endpoint) -> None:
         s = self.settings
         if ep.log_file.exists() and ep.log_file.stat().st_size > LOG_ROTATE_BYTES:
             os.replace(ep.log_file, ep.log_file.with_suffix(".log.1"))
-        cmd = [self.python, "-m", "dlm_ls.lsp_server.cli", "worker", "--model", str(self.model_dir),
-               "--device", s.device, "--socket", str(ep.socket), "--idle-timeout", str(s.idle_timeout_s),
-               "--max-jobs", str(s.max_jobs)]
-        if s.dtype:
-            cmd += ["--dtype", s.dtype]
-        if s.captured_step:
-            cmd += ["--captured-step"]
-        if s.max_context_tokens:
-            cmd += ["--max-context-tokens", str(s.max_context_tokens)]
+        config = s.worker_config(model=str(self.model_dir), socket=str(ep.socket))
+        cmd = [self.python, "-m", "dlm_ls.lsp_server.cli", "worker", *config.to_argv()]
         env = dict(os.environ)
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         fd = os.open(ep.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -342,7 +298,7 @@ class WorkerClient:
         started = time.monotonic()
         deadline = started + s.spawn_timeout_s
         while time.monotonic() < deadline:
-            if _alive(ep.socket):
+            if alive(ep.socket):
                 log.info("worker pid %d is up after %.1f s", proc.pid, time.monotonic() - started)
                 return
             if proc.poll() is not None:
@@ -355,19 +311,18 @@ class WorkerClient:
 
     # -- calls
 
-    async def infill(self, params: dict[str, Any], on_step: OnStep | None = None) -> dict[str, Any]:
+    async def infill(self, request: InfillRequest, on_step: OnStep | None = None) -> InfillReply:
         """Run one completion; retried once on a new worker if the worker died under it."""
-        request_id = str(params["id"])
         for attempt in (1, 2):
             conn = await self.connection()
             try:
-                return await conn.call("infill", params, on_step, request_id)
+                return InfillReply.from_wire(await conn.call("infill", request.to_wire(), on_step, request.id))
             except WorkerGone as exc:
                 if attempt == 2:
                     raise
                 log.warning("the worker went away mid-request (%s); retrying on a new one", exc)
             except asyncio.CancelledError:
-                conn.call_soon("cancel", {"id": request_id})  # stop it between two steps in the worker
+                conn.call_soon("cancel", {"id": request.id})  # stop it between two steps in the worker
                 raise
         raise AssertionError("unreachable")
 
@@ -378,8 +333,8 @@ class WorkerClient:
     async def status(self) -> dict[str, Any]:
         return await self.call("status")
 
-    async def warm(self, params: dict[str, Any]) -> Any:
-        return await self.call("warm", params)
+    async def warm(self, request: WarmRequest) -> Any:
+        return await self.call("warm", request.to_wire())
 
     async def close(self) -> None:
         """Drop the connection; the worker stays for other servers until its idle timeout."""
@@ -398,7 +353,7 @@ class InProcessBackend:
     in_process = True
 
     def __init__(self, settings: Settings):
-        from dlm_ls.worker.server import Scheduler  # torch arrives here, and only here
+        from ..worker.scheduler import Scheduler  # torch arrives here, and only here
 
         self.settings = settings
         self.model_dir = resolve_model_dir(settings.model)
@@ -419,18 +374,18 @@ class InProcessBackend:
             loop.call_soon_threadsafe(settle, fut, result, error)
         return fut, done
 
-    async def infill(self, params: dict[str, Any], on_step: OnStep | None = None) -> dict[str, Any]:
+    async def infill(self, request: InfillRequest, on_step: OnStep | None = None) -> InfillReply:
         loop = asyncio.get_running_loop()
         fut, done = self._bridge()
         step_cb = None
         if on_step is not None:
-            def step_cb(update: dict[str, Any]) -> None:
+            def step_cb(update: StepUpdate) -> None:
                 loop.call_soon_threadsafe(on_step, update)
-        self.scheduler.submit(self.owner, params, done, step_cb)
+        self.scheduler.submit(self.owner, request, done, step_cb)
         try:
             return await fut
         except asyncio.CancelledError:
-            self.scheduler.cancel(self.owner, str(params["id"]))
+            self.scheduler.cancel(self.owner, request.id)
             raise
 
     async def call(self, method: str, params: Any = None) -> Any:
@@ -441,12 +396,12 @@ class InProcessBackend:
     async def status(self) -> dict[str, Any]:
         return await self.call("status")
 
-    async def warm(self, params: dict[str, Any]) -> Any:
-        return await self.call("warm", params)
+    async def warm(self, request: WarmRequest) -> Any:
+        return await self.call("warm", request)
 
     async def close(self) -> None:
         await in_thread(self.scheduler.stop)
 
 
-def make_backend(settings: Settings) -> WorkerClient | InProcessBackend:
+def make_backend(settings: Settings) -> Backend:
     return InProcessBackend(settings) if settings.in_process else WorkerClient(settings)

@@ -33,7 +33,7 @@ from safetensors import safe_open
 
 from . import tokens
 from .config import ModelConfig
-from .load import CheckpointError, assign_weights
+from .checkpoint import CheckpointError, assign_weights
 from .network import DiffusionLM
 
 # RoPE tables are built for max_position positions on each device. Dream's configs say 131072,

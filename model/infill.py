@@ -56,10 +56,6 @@ class InfillResult:
     tokens: list[list[int]]
     candidates: list[list[str]]  # every candidate length's middles, best first
 
-    def to_dict(self) -> dict:
-        return {"middles": self.middles, "candidates": self.candidates, "nfe": self.nfe, "steps": self.steps, "ms": round(self.ms, 3),
-                "canvas_length": self.canvas_length, "score": self.score, "prefill_tokens": self.prefill_tokens}
-
 
 class NaturalOrderJob:
     """A Dream/LLaDA request: natural-order infill `[prefix][mask x N][suffix]` with the dual cache.

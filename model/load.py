@@ -4,7 +4,9 @@ A folder holds `config.json` (ModelConfig), `sampler.json` (SamplerConfig), `tok
 and the weights as safetensors: `model.safetensors`, or, above the shard size, numbered
 shards with a Hugging Face `model.safetensors.index.json`. Never pickle. Foreign checkpoint
 formats (Dream, LLaDA) are mapped onto our names in `model/foreign.py`; this module only
-knows our own. It does not know how the model is used.
+knows our own. What both share (errors, device and dtype, putting weights into a network) is in
+`model/checkpoint.py`, so neither imports the other at module level. It does not know how the model
+is used.
 """
 
 from __future__ import annotations
@@ -16,35 +18,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .checkpoint import DTYPES, CheckpointError, assign_weights, resolve_device, resolve_dtype  # noqa: F401 (re-exported)
 from .config import ModelConfig, SamplerConfig
 from .network import DiffusionLM
 
 SHARD_BYTES = 15 * 1024 * 1024  # keeps every file under git hosts' soft limits and our 15 MB rule
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default"
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
-
-
-class CheckpointError(Exception):
-    """A checkpoint folder that is missing, incomplete or not ours."""
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CheckpointError("--device cuda was asked for, but torch sees no CUDA GPU")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32  # CPUs lack fast bf16 matmuls
-    if dtype not in DTYPES:
-        raise CheckpointError(f"unknown dtype {dtype!r}; choose one of fp32, bf16, fp16")
-    return DTYPES[dtype]
 
 
 def _state_to_save(model: DiffusionLM, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -147,20 +126,6 @@ def load_model(folder: str | os.PathLike | None = None, device: str | torch.devi
     unexpected = set(state) - set(model.state_dict())
     assign_weights(model, state, folder, unexpected)
     return model.to(device=dev, dtype=resolve_dtype(dtype, dev)).eval()
-
-
-def assign_weights(model: DiffusionLM, state: dict[str, torch.Tensor], folder, unexpected) -> None:
-    """Put `state` (our names) into a meta-device `model`, or say which tensors are missing or extra."""
-    tied = model.config.tie_embeddings
-    if tied:
-        state.pop("lm_head.weight", None)
-    missing = set(model.state_dict()) - set(state) - ({"lm_head.weight"} if tied else set())
-    if missing or unexpected:
-        raise CheckpointError(f"{folder}: weights do not match config.json (missing {sorted(missing)[:3]}, "
-                              f"unexpected {sorted(unexpected)[:3]})")
-    model.load_state_dict(state, strict=False, assign=True)
-    if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
 
 
 def load_tokenizer(folder: str | os.PathLike | None = None):

@@ -16,6 +16,8 @@ from typing import Union
 import pytest
 from lsprotocol import types as lsp
 
+from dlm_ls.worker.protocol import InfillRequest
+
 from tests.test_lsp_e2e import FAST, plain, session, stop_workers, utf16_position
 
 SOURCE = "import os\n\n\ndef add(a, b):\n    return a\n"
@@ -229,7 +231,7 @@ SLOW_ENGINE = {"canvas_lengths": [16], "max_tokens": 16, "block_size": 16, "max_
 def scheduler(tiny_model_dir):
     import torch
 
-    from dlm_ls.worker.server import Scheduler
+    from dlm_ls.worker.scheduler import Scheduler
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -262,20 +264,20 @@ class Answer:
 
 def test_the_worker_returns_every_candidate_length(scheduler):
     a = Answer()
-    scheduler.submit("t", {"id": "cands", "segments": ["def f(x):\n    return ", "\n"], "overrides": FAST_ENGINE},
+    scheduler.submit("t", InfillRequest.from_wire({"id": "cands", "segments": ["def f(x):\n    return ", "\n"], "overrides": FAST_ENGINE}),
                      a.done)
     result = a.wait()
-    assert len(result["candidates"]) == 2 and all(len(c) == 1 for c in result["candidates"])
-    assert result["candidates"][0] == result["middles"]
+    assert len(result.candidates) == 2 and all(len(c) == 1 for c in result.candidates)
+    assert result.candidates[0] == result.middles
 
 
 def test_a_low_priority_request_waits_for_the_normal_ones(scheduler):
     order: list[str] = []
     low, normal = Answer(order, "low"), Answer(order, "normal")
     before = scheduler.status()["counters"].get("jobs", 0)
-    scheduler.submit("t", {"id": "low", "segments": ["x = ", "\n"], "overrides": SLOW_ENGINE, "priority": "low"},
+    scheduler.submit("t", InfillRequest.from_wire({"id": "low", "segments": ["x = ", "\n"], "overrides": SLOW_ENGINE, "priority": "low"}),
                      low.done, low.step)
-    scheduler.submit("t", {"id": "normal", "segments": ["y = ", "\n"], "overrides": SLOW_ENGINE},
+    scheduler.submit("t", InfillRequest.from_wire({"id": "normal", "segments": ["y = ", "\n"], "overrides": SLOW_ENGINE}),
                      normal.done, normal.step)
     low.wait(), normal.wait()
     assert scheduler.status()["counters"]["jobs"] == before + 2
@@ -285,8 +287,7 @@ def test_a_low_priority_request_waits_for_the_normal_ones(scheduler):
 
 
 def test_bad_priority_is_refused():
-    from dlm_ls.lsp_server.errors import DlmError
-    from dlm_ls.worker.server import check_infill_params
+    from dlm_ls.worker.protocol import DlmError
 
     with pytest.raises(DlmError, match="priority"):
-        check_infill_params({"segments": ["a", "b"], "priority": "urgent"})
+        InfillRequest.from_wire({"segments": ["a", "b"], "priority": "urgent"})

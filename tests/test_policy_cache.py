@@ -10,6 +10,7 @@ from dlm_ls.lsp_server.config import Settings
 from dlm_ls.lsp_server.policy import CompletionPolicy, SuggestionCache, TypeThrough, context_key
 from dlm_ls.lsp_server.server import (choose_completion, extra_context_preamble, plan_completion, prompt_chars,
                                       prompt_window)
+from dlm_ls.worker.protocol import InfillReply
 
 # --------------------------------------------------------------------------- the cache
 
@@ -171,10 +172,10 @@ def test_the_candidate_that_parses_wins_over_the_better_scored_one():
     doc = D.Document("file:///c.py", text, "python")
     at = text.index("return ") + len("return ")
     plan = plan_completion(doc, at, Settings())
-    result = {"middles": ["(a +"], "candidates": [["(a +"], ["(a + b)"]]}
+    result = InfillReply(["(a +"], [["(a +"], ["(a + b)"]])
     assert choose_completion(doc, at, plan, result) == "(a + b)"
-    assert choose_completion(doc, at, plan, {"middles": ["a * b"]}) == "a * b"  # no candidates: the middle
-    assert choose_completion(doc, at, plan, {"middles": []}) is None
+    assert choose_completion(doc, at, plan, InfillReply(["a * b"])) == "a * b"  # no candidates: the middle
+    assert choose_completion(doc, at, plan, InfillReply([])) is None
     assert choose_completion(doc, at, plan, result, parse_filter=False) == "(a +"  # the best-scored one
 
 

@@ -10,7 +10,7 @@ import msgpack
 import pytest
 
 from dlm_ls.worker import protocol as rpc
-from dlm_ls.lsp_server.errors import DlmError
+from dlm_ls.worker.protocol import DlmError
 
 
 def reader_with(data: bytes) -> asyncio.StreamReader:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from dlm_ls.worker import protocol as rpc
-from dlm_ls.lsp_server.errors import DlmError
+from dlm_ls.worker.protocol import DlmError, InfillRequest
 
 FAST = {"canvas_lengths": [4], "max_tokens": 4, "max_steps": 4}
 # One token committed per step over a 32-slot canvas: a request that lasts ~32 forward passes.
@@ -62,7 +62,7 @@ class Waiter:
 
 @pytest.fixture
 def scheduler(infiller):
-    from dlm_ls.worker.server import Scheduler
+    from dlm_ls.worker.scheduler import Scheduler
 
     s = Scheduler(None, infiller=infiller, max_jobs=2)
     s.start()
@@ -72,15 +72,15 @@ def scheduler(infiller):
 
 def test_concurrent_requests_share_each_forward_pass(scheduler):
     a, b = Waiter(), Waiter()
-    scheduler.submit("x", {"id": "a", "segments": SEGMENTS, "overrides": SLOW}, a.done)
-    scheduler.submit("y", {"id": "b", "segments": ["x = ", "\n"], "overrides": SLOW}, b.done)
+    scheduler.submit("x", InfillRequest.from_wire({"id": "a", "segments": SEGMENTS, "overrides": SLOW}), a.done)
+    scheduler.submit("y", InfillRequest.from_wire({"id": "b", "segments": ["x = ", "\n"], "overrides": SLOW}), b.done)
     a.wait(), b.wait()
     assert a.error is None and b.error is None
     status = scheduler.status()
     assert status["max_batch"] == 2
     # Run apart they take a.steps + b.steps forward passes; batched, about max(a.steps, b.steps).
-    assert status["counters"]["steps"] < a.result["steps"] + b.result["steps"]
-    assert set(a.result) >= {"middles", "nfe", "steps", "ms", "canvas_length", "score"}
+    assert status["counters"]["steps"] < a.result.steps + b.result.steps
+    assert set(a.result.to_wire()) >= {"middles", "nfe", "steps", "ms", "canvas_length", "score"}
 
 
 def test_cancel_takes_effect_between_steps(scheduler):
@@ -88,10 +88,10 @@ def test_cancel_takes_effect_between_steps(scheduler):
 
     def on_step(update):
         w.steps.append(update)
-        if update["step"] == 2:
+        if update.step == 2:
             scheduler.cancel("x", "slow")
 
-    scheduler.submit("x", {"id": "slow", "segments": SEGMENTS, "overrides": SLOW}, w.done, on_step)
+    scheduler.submit("x", InfillRequest.from_wire({"id": "slow", "segments": SEGMENTS, "overrides": SLOW}), w.done, on_step)
     w.wait()
     assert isinstance(w.error, DlmError) and w.error.code == "cancelled"
     assert len(w.steps) <= 3 < SLOW["max_tokens"]
@@ -100,8 +100,8 @@ def test_cancel_takes_effect_between_steps(scheduler):
 
 def test_dropped_owner_loses_its_requests_only(scheduler):
     mine, other = Waiter(), Waiter()
-    scheduler.submit("gone", {"id": "1", "segments": SEGMENTS, "overrides": SLOW}, mine.done)
-    scheduler.submit("stays", {"id": "1", "segments": SEGMENTS, "overrides": FAST}, other.done)
+    scheduler.submit("gone", InfillRequest.from_wire({"id": "1", "segments": SEGMENTS, "overrides": SLOW}), mine.done)
+    scheduler.submit("stays", InfillRequest.from_wire({"id": "1", "segments": SEGMENTS, "overrides": FAST}), other.done)
     scheduler.drop_owner("gone")
     assert mine.wait().error.code == "cancelled"
     assert other.wait().error is None
@@ -109,11 +109,11 @@ def test_dropped_owner_loses_its_requests_only(scheduler):
 
 def test_bad_requests_get_clear_errors_and_busy_when_full(scheduler):
     bad = Waiter()
-    scheduler.submit("x", {"id": "b", "segments": SEGMENTS, "overrides": {"temperature": -1}}, bad.done)
+    scheduler.submit("x", InfillRequest.from_wire({"id": "b", "segments": SEGMENTS, "overrides": {"temperature": -1}}), bad.done)
     assert bad.wait().error.code == "infill_error" and "temperature" in str(bad.error)
     waiters = [Waiter() for _ in range(3)]
     for i, w in enumerate(waiters):
-        scheduler.submit("x", {"id": str(i), "segments": SEGMENTS, "overrides": SLOW}, w.done)
+        scheduler.submit("x", InfillRequest.from_wire({"id": str(i), "segments": SEGMENTS, "overrides": SLOW}), w.done)
     errors = [w.wait().error for w in waiters]
     assert [e.code for e in errors if e is not None] == ["busy"]  # max_jobs=2
 
@@ -288,7 +288,7 @@ def test_worker_exits_after_idle_timeout(tiny_model_dir, tmp_path):
 def test_captured_step_setting_reaches_the_engine(tiny_model_dir):
     """--captured-step / capturedStep: the worker's engine steps at bucketed shapes (eagerly on a CPU)."""
     from dlm_ls.lsp_server.config import Settings
-    from dlm_ls.worker.server import Scheduler
+    from dlm_ls.worker.scheduler import Scheduler
 
     settings, problems = Settings().merged({"capturedStep": True})
     assert not problems and settings.captured_step
@@ -296,9 +296,9 @@ def test_captured_step_setting_reaches_the_engine(tiny_model_dir):
     s.start()
     try:
         w = Waiter()
-        s.submit("x", {"id": "a", "segments": SEGMENTS, "overrides": FAST}, w.done)
-        assert w.wait().error is None and w.result["nfe"] >= 1
+        s.submit("x", InfillRequest.from_wire({"id": "a", "segments": SEGMENTS, "overrides": FAST}), w.done)
+        assert w.wait().error is None and w.result.nfe >= 1
         stats = s.inf.info()["captured_step"]
-        assert stats["eager"] == w.result["nfe"] and stats["capture"] is False
+        assert stats["eager"] == w.result.nfe and stats["capture"] is False
     finally:
         s.stop()

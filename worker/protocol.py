@@ -1,4 +1,4 @@
-"""msgpack-RPC between the language server and the worker: framing, messages, where the socket lives.
+"""The wire between the language server and the worker: messages, framing, errors, where the worker lives.
 
 Messages are msgpack-RPC arrays:
 
@@ -8,24 +8,65 @@ Messages are msgpack-RPC arrays:
 
 Each travels in a frame: a 4-byte big-endian length, then the msgpack body. The length lets a
 reader refuse an oversized payload before reading it and stay in step after a malformed body,
-which a bare msgpack stream cannot. Both sides import this module, so it must never import
-torch; it knows nothing of models or of LSP.
+which a bare msgpack stream cannot.
+
+The params and results are typed here, once: `InfillRequest`, `InfillReply`, `StepUpdate`,
+`WarmRequest`, `CancelRequest`, each with `to_wire` (a plain map) and `from_wire` (which checks
+the shape and raises `DlmError("invalid_params")`). Both ends import this module, so it never
+imports torch; it knows nothing of models, documents or LSP.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.util
 import os
+import socket
 import stat
 import struct
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import msgpack
 
-from ..lsp_server.errors import DlmError
+# --------------------------------------------------------------------------- errors
+
+# The symbolic error codes both ends use; the language server maps each to an LSP code (errors.py).
+CODES = ("invalid_params", "invalid_position", "unknown_document", "infill_error", "unknown_method", "cancelled",
+         "superseded", "busy", "too_large", "worker_unavailable", "worker_error", "model_error", "timeout",
+         "config_error", "protocol_error", "internal")
+
+
+class DlmError(Exception):
+    """A failure with a message a user can act on. `code` is one of CODES."""
+
+    def __init__(self, code: str, message: str, data: Any = None):
+        super().__init__(message)
+        self.code = code if code in CODES else "internal"
+        self.message = message
+        self.data = data
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        return f"DlmError({self.code!r}, {self.message!r})"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The msgpack-RPC error form: {"code": ..., "message": ...}."""
+        out: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.data is not None:
+            out["data"] = self.data
+        return out
+
+    @classmethod
+    def from_dict(cls, err: Any) -> "DlmError":
+        if isinstance(err, dict):
+            return cls(str(err.get("code", "worker_error")), str(err.get("message", err)), err.get("data"))
+        return cls("worker_error", str(err))
+
 
 REQUEST, RESPONSE, NOTIFY = 0, 1, 2
 MAX_FRAME_BYTES = 8 * 1024 * 1024  # a 16k-character context each side is ~100 kB; 8 MB is a bug or an attack
@@ -57,6 +98,142 @@ class ProtocolError(DlmError):
     def __init__(self, message: str, msgid: int | None = None):
         super().__init__("protocol_error", message)
         self.msgid = msgid
+
+
+# --------------------------------------------------------------------------- typed messages
+
+MODES = ("line", "block", "auto")  # what the model is asked to write: one line, a block, or its choice
+PRIORITIES = ("normal", "low")  # low: the server's speculative suggestions, stepped only in idle turns
+METHODS = ("infill", "cancel", "warm", "status", "ping", "shutdown")
+
+
+def _text_list(value: Any, what: str, least: int) -> list[str]:
+    if not isinstance(value, list) or len(value) < least or not all(isinstance(s, str) for s in value):
+        raise DlmError("invalid_params", what)
+    return value
+
+
+def _params(params: Any, method: str) -> dict[str, Any]:
+    if not isinstance(params, dict):
+        raise DlmError("invalid_params", f"{method} params must be a map")
+    return params
+
+
+@dataclass
+class InfillRequest:
+    """Fill the holes between `segments` (text around them); all holes are one job, refined together."""
+
+    segments: list[str]
+    id: str = ""
+    mode: str = "auto"
+    overrides: dict[str, Any] = field(default_factory=dict)  # sampler settings for this request
+    priority: str = "normal"
+    cache_key: str | None = None  # the context-cache entry to reuse and update (the server: the document)
+    stream: bool = False  # send a StepUpdate after every refinement step
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, params: Any) -> "InfillRequest":
+        """Shape checks the engine does not do (it checks meaning: lengths, holes, overrides)."""
+        p = _params(params, "infill")
+        segments = _text_list(p.get("segments"), "segments must be a list of at least two strings "
+                                                 "(text around the holes)", 2)
+        mode = p.get("mode", "auto")
+        if mode not in MODES:
+            raise DlmError("invalid_params", f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        overrides = p.get("overrides") or {}
+        if not isinstance(overrides, dict):
+            raise DlmError("invalid_params", "overrides must be a map of sampler settings")
+        priority = p.get("priority", "normal")
+        if priority not in PRIORITIES:
+            raise DlmError("invalid_params", f"priority must be one of {', '.join(PRIORITIES)}")
+        key = p.get("cache_key")
+        if key is not None and not isinstance(key, str):
+            raise DlmError("invalid_params", "cache_key must be a string")
+        rid = p.get("id")
+        return cls(segments, "" if rid is None else str(rid), mode, overrides, priority, key, bool(p.get("stream")))
+
+
+@dataclass
+class InfillReply:
+    """The middles of one request, best first among `candidates` (one list of middles per canvas length)."""
+
+    middles: list[str]
+    candidates: list[list[str]] = field(default_factory=list)
+    nfe: int = 0  # forward passes
+    steps: int = 0  # refinement steps
+    ms: float = 0.0  # engine time
+    canvas_length: int = 0
+    score: float = 0.0
+    prefill_tokens: int = 0  # context tokens computed for this request (those the context cache did not hold)
+    queue_ms: float = 0.0
+    total_ms: float = 0.0
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, result: Any) -> "InfillReply":
+        r = _params(result, "an infill reply")
+        try:
+            return cls(list(r["middles"]), [list(c) for c in r.get("candidates") or [r["middles"]]], int(r["nfe"]),
+                       int(r["steps"]), float(r["ms"]), int(r["canvas_length"]), float(r["score"]),
+                       int(r.get("prefill_tokens", 0)), float(r.get("queue_ms", 0.0)), float(r.get("total_ms", 0.0)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DlmError("protocol_error", f"malformed infill reply: {exc}") from None
+
+
+@dataclass
+class StepUpdate:
+    """One refinement step of a streamed request: its text so far, undecided slots shown as \u2591."""
+
+    id: str
+    step: int
+    text: list[str]
+    ms: float
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, params: Any) -> "StepUpdate":
+        p = _params(params, "refinement")
+        return cls(str(p.get("id")), int(p.get("step", 0)), list(p.get("text") or []), float(p.get("ms", 0.0)))
+
+
+@dataclass
+class WarmRequest:
+    """Compute the context cache of `segments` under `cache_key`, so a later request there starts warm."""
+
+    cache_key: str
+    segments: list[str]
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, params: Any) -> "WarmRequest":
+        p = params if isinstance(params, dict) else {}
+        segments = _text_list(p.get("segments"), "warm needs segments: a list of strings", 0)
+        if not isinstance(p.get("cache_key"), str):
+            raise DlmError("invalid_params", "warm needs a cache_key: the entry a later request will reuse")
+        return cls(p["cache_key"], segments)
+
+
+@dataclass
+class CancelRequest:
+    id: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, params: Any) -> "CancelRequest":
+        if not isinstance(params, dict) or "id" not in params:
+            raise DlmError("invalid_params", "cancel needs {id: request id}")
+        return cls(str(params["id"]))
 
 
 # --------------------------------------------------------------------------- encoding
@@ -201,3 +378,55 @@ def endpoint(model_dir: str | os.PathLike, device: str, base: Path | None = None
                        f"socket path {sock} is longer than a Unix socket allows; "
                        "set DLM_LS_RUNTIME_DIR to a shorter directory")
     return Endpoint(key, sock, base / f"w-{key}.pid", base / f"w-{key}.lock", base / f"w-{key}.log")
+
+
+def probe(path: Path) -> bool:
+    """Is something accepting connections on this socket?"""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(1.0)
+    try:
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def alive(path: Path, timeout: float = 5.0) -> bool:
+    """Does a worker answer a ping on this socket? (A worker being killed may still accept.)"""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(str(path))
+        s.sendall(encode(request(0, "ping", {})))
+        data = b""
+        while len(data) < HEADER.size or len(data) < HEADER.size + HEADER.unpack(data[:4])[0]:
+            chunk = s.recv(4096)
+            if not chunk:
+                return False
+            data += chunk
+        msg = decode(data[HEADER.size:])
+        return msg.kind == RESPONSE and msg.error is None
+    except (OSError, DlmError):
+        return False
+    finally:
+        s.close()
+
+
+def default_model_dir() -> Path:
+    """The shipped default model (model/default), found without importing the model package."""
+    spec = importlib.util.find_spec("dlm_ls.model")
+    if spec is None or not spec.submodule_search_locations:
+        raise DlmError("model_error", "the dlm_ls.model package is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / "default"
+
+
+def resolve_model_dir(model: str | None) -> Path:
+    path = Path(model).expanduser() if model else default_model_dir()
+    if not (path / "config.json").is_file():
+        if model:
+            raise DlmError("model_error", f"no model checkpoint at {path} (expected config.json there)")
+        raise DlmError("model_error", f"the shipped default model is missing at {path}; "
+                                      "pass --model DIR (or the `model` setting) with a checkpoint folder")
+    return path.resolve()

@@ -1,0 +1,82 @@
+"""The worker's settings, the one place their defaults live: `dlm-ls worker` flags are generated from them.
+
+The language server's `Settings` take their worker defaults from `WorkerConfig()`, and a client that
+spawns a worker passes `WorkerConfig.to_argv()`, so a default is written once for both processes.
+Torch-free; it knows nothing of models or LSP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .protocol import MAX_FRAME_BYTES
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Says the default where there is one to say (not for an unset or a false flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
+def _flag(help: str, **argparse_kwargs: Any) -> dict[str, Any]:
+    return {"help": help, **argparse_kwargs}
+
+
+@dataclass
+class WorkerConfig:
+    model: str | None = field(default=None, metadata=_flag(
+        "checkpoint folder (default: the shipped model)", metavar="DIR"))
+    device: str = field(default="auto", metadata=_flag("auto | cpu | cuda | cuda:N"))
+    dtype: str | None = field(default=None, metadata=_flag(
+        "default: bf16 on a GPU, fp32 on a CPU", choices=DTYPES))
+    socket: str | None = field(default=None, metadata=_flag(
+        "default: in the private runtime directory, named after the model folder and device", metavar="PATH"))
+    # A worker with no request for this long exits and frees its memory.
+    idle_timeout_s: float = field(default=600.0, metadata=_flag(
+        "exit after this many seconds without a request", flag="--idle-timeout", metavar="S"))
+    # Concurrent requests one worker accepts; more get a "busy" error.
+    max_jobs: int = field(default=32, metadata=_flag("concurrent requests"))
+    max_frame_bytes: int = field(default=MAX_FRAME_BYTES, metadata=_flag(argparse.SUPPRESS))
+    max_context_tokens: int | None = field(default=None, metadata=_flag(
+        "longest context the engine accepts (default: the engine's own limit)"))
+    # Replay the refinement step as a CUDA graph at bucketed shapes (model/captured.py); GPU only.
+    captured_step: bool = field(default=False, metadata=_flag(
+        "replay the refinement step as a CUDA graph at bucketed shapes (GPU)"))
+    debug: bool = field(default=False, metadata=_flag("log every request"))
+
+    @staticmethod
+    def flag(f: dataclasses.Field) -> str:
+        return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+    @classmethod
+    def parser(cls, prog: str = "dlm-ls worker", description: str | None = None) -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(prog=prog, description=description,
+                                    formatter_class=_DefaultsFormatter)
+        for f in dataclasses.fields(cls):
+            kwargs = {k: v for k, v in f.metadata.items() if k != "flag"}
+            if f.type in ("bool", bool):
+                p.add_argument(cls.flag(f), dest=f.name, action="store_true", **kwargs)
+            else:
+                kind = int if f.type in ("int", "int | None") else float if f.type == "float" else str
+                p.add_argument(cls.flag(f), dest=f.name, type=kind, default=f.default, **kwargs)
+        return p
+
+    @classmethod
+    def from_argv(cls, argv: list[str] | None = None, description: str | None = None) -> "WorkerConfig":
+        return cls(**vars(cls.parser(description=description).parse_args(argv)))
+
+    def to_argv(self) -> list[str]:
+        """The flags that start a worker with these settings (only those that differ from the defaults)."""
+        out: list[str] = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value == f.default or value is None:
+                continue
+            out += [self.flag(f)] if value is True else [self.flag(f), str(value)]
+        return out
