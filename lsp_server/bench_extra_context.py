@@ -45,8 +45,8 @@ from dataclasses import dataclass
 
 from . import documents as D
 from .config import Settings
-from .server import (DEFAULT_CONTEXT_TOKENS, EXTRA_CONTEXT_SHARE, choose_completion, extra_context_preamble,
-                     plan_completion, prompt_chars)
+from ..model.prompt import EXTRA_CONTEXT_SHARE, prompt_chars
+from .completion import choose_completion, extra_context_preamble, plan_completion
 
 VERBS = ["parse", "merge", "compute", "normalize", "filter", "build", "format", "load", "split", "count",
          "resolve", "clamp", "scale", "group", "rank", "encode"]
@@ -174,7 +174,7 @@ def similarity(a: str, b: str) -> float:
 
 def run_task(inf, task: Task, settings: Settings, with_chunks: bool) -> dict:
     doc = D.Document(task.uri, task.text, "python")
-    max_chars = prompt_chars(inf.max_context_tokens or DEFAULT_CONTEXT_TOKENS)
+    max_chars = prompt_chars(inf.max_context_tokens)
     budget = min(settings.extra_context_chars, int(max_chars * EXTRA_CONTEXT_SHARE))
     preamble = extra_context_preamble(doc, task.offset, task.others, budget, task.root,
                                       settings.extra_context_min_score) if with_chunks else ""
@@ -183,9 +183,9 @@ def run_task(inf, task: Task, settings: Settings, with_chunks: bool) -> dict:
         return {"task": task.name, "kind": task.kind, "suggestion": None, "exact": False, "similarity": 0.0,
                 "ms": 0.0, "nfe": 0, "preamble_chars": len(preamble), "chunk_found": False, "nll": None,
                 "nll_tokens": 0}
-    score = inf.score_middle(plan.segments(), task.expected)
+    score = inf.score_middle([plan.prefix, plan.suffix], task.expected, plan.preamble)
     t0 = time.perf_counter()
-    result = inf.complete(plan.segments(), mode=plan.mode, **plan.overrides)
+    result = inf.complete([plan.prefix, plan.suffix], mode=plan.mode, preamble=plan.preamble, **plan.overrides)
     ms = (time.perf_counter() - t0) * 1000
     text = choose_completion(doc, task.offset, plan, result) or ""
     line = text.split("\n", 1)[0]

@@ -311,7 +311,7 @@ def cmd_complete(rest: list[str], debug: bool) -> int:
 
 
 async def _complete(doc, offset: int, settings, show_steps: bool):
-    from .server import run_completion
+    from .completion import run_completion
     from .worker_client import make_backend
 
     backend = make_backend(settings)

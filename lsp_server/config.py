@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..model.prompt import EXTRA_CONTEXT_CHARS
 from ..worker.config import WorkerConfig
 from ..worker.protocol import DlmError
 
@@ -56,7 +57,7 @@ class Settings:
     warm_delay_ms: int = 400  # "typing paused": this long after the last edit with no completion request
     # Chunks of other open documents shown to the model before the prefix (extra_context.py); they
     # take this many characters of the prefix's budget (0 = none).
-    extra_context_chars: int = 1500
+    extra_context_chars: int = EXTRA_CONTEXT_CHARS
     # Chunks scoring below this are left out (extra_context.py: identifier overlap 0..1, +1 for a
     # chunk that defines a name the cursor line uses, +0.2/+0.5 for imported modules and names).
     extra_context_min_score: float = 0.0

@@ -25,6 +25,7 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..model.prompt import line_window
 from .errors import DlmError
 
 UTF8, UTF16, UTF32 = "utf-8", "utf-16", "utf-32"
@@ -192,23 +193,7 @@ def word_start(text: str, offset: int) -> int:
     return i
 
 
-def context_window(text: str, offset: int, max_chars: int) -> tuple[str, str]:
-    """The prefix and suffix around `offset`, each cut to `max_chars`, at a line break where one is near.
-
-    This keeps a request's size bounded by the budget, not by the document: a cursor in a
-    5 MB file sends about 2 x max_chars characters.
-    """
-    start = max(0, offset - max_chars)
-    if start > 0:
-        nl = text.find("\n", start, offset)
-        if nl != -1:
-            start = nl + 1
-    end = min(len(text), offset + max_chars)
-    if end < len(text):
-        nl = text.rfind("\n", offset, end)
-        if nl != -1:
-            end = nl + 1
-    return text[start:offset], text[offset:end]
+context_window = line_window  # the prompt module cuts every window: one rule for serving and training
 
 
 # --------------------------------------------------------------------------- the store

@@ -8,6 +8,8 @@ document the current file imports (Python ``import``/``from``, JS/TS ``import``/
 ``require``), more so where it defines an imported name. Chunks are taken best first, without
 overlaps, until the character budget (measured on the formatted preamble) is spent.
 
+The chunk format itself is the prompt module's (model/prompt.py), which training shares.
+
 What it does not know: the workspace beyond the open documents, types, scopes, or tokens (the budget
 is characters; the worker converts). Rust ``use`` and Go ``import`` are not resolved: those
 languages rank by overlap and definitions only.
@@ -18,9 +20,9 @@ from __future__ import annotations
 import posixpath
 import re
 from collections import OrderedDict
-from dataclasses import dataclass
-from urllib.parse import unquote, urlparse
 
+from ..model import prompt
+from ..model.prompt import Chunk, uri_path
 from .regions import DEFAULT_LINE_COMMENTS, LINE_COMMENTS
 
 # The query: lines around the cursor whose identifiers are matched against the other documents.
@@ -64,14 +66,6 @@ LUA_REQUIRE = re.compile(r"""require\s*\(?\s*['"]([\w./-]+)['"]""")
 JS_EXTENSIONS = (".ts", ".tsx", ".js", ".jsx", ".mjs", ".cjs", "/index.ts", "/index.tsx", "/index.js")
 
 
-@dataclass(frozen=True)
-class Chunk:
-    uri: str
-    text: str
-    score: float
-    start_line: int = 0  # 0-based line of the chunk's first line in its document
-
-
 # -- identifiers ----------------------------------------------------------------------------------
 
 def identifiers(text: str) -> set[str]:
@@ -106,15 +100,10 @@ def _analyse(uri: str, text: str) -> tuple[list[str], list[set[str]], list[set[s
 
 # -- imports --------------------------------------------------------------------------------------
 
-def _uri_path(uri: str) -> str:
-    parsed = urlparse(uri)
-    return unquote(parsed.path) if parsed.scheme else uri
-
-
 def imported_documents(current_text: str, language_id: str, others: dict[str, str],
                        current_uri: str | None = None) -> dict[str, set[str]]:
     """uri -> names imported from it, for the other open documents the current file imports."""
-    here = posixpath.dirname(_uri_path(current_uri)) if current_uri else None
+    here = posixpath.dirname(uri_path(current_uri)) if current_uri else None
     wanted: list[tuple[list[str], set[str]]] = []  # (path suffixes that match, names)
     if language_id == "python":
         for m in PY_IMPORT.finditer(current_text):
@@ -145,7 +134,7 @@ def imported_documents(current_text: str, language_id: str, others: dict[str, st
             wanted.append(([base + ".lua", base + "/init.lua"], set()))
     found: dict[str, set[str]] = {}
     for uri in others:
-        path = _uri_path(uri)
+        path = uri_path(uri)
         for suffixes, names in wanted:
             if any(_path_matches(path, s) for s in suffixes):
                 found.setdefault(uri, set()).update(names)
@@ -296,20 +285,9 @@ def comment_prefix(language_id: str) -> str:
     return LINE_COMMENTS.get(language_id, DEFAULT_LINE_COMMENTS)[0]
 
 
-def display_path(uri: str, root: str | None = None) -> str:
-    path = _uri_path(uri)
-    if root:
-        root_path = _uri_path(root).rstrip("/") + "/"
-        if path.startswith(root_path):
-            return path[len(root_path):]
-    return "/".join(path.split("/")[-3:])  # enough to tell files apart without a workspace root
-
-
 def format_chunk(chunk: Chunk, language_id: str, root: str | None = None) -> str:
-    """One chunk as comment lines: the model reads it as context, and the prefix still parses."""
-    c = comment_prefix(language_id)
-    body = "".join(f"{c} {line}".rstrip() + "\n" for line in chunk.text.split("\n"))
-    return f"{c} Compare this snippet from {display_path(chunk.uri, root)}:\n{body}"
+    """One chunk in the prompt's chunk format, commented in the document's language."""
+    return prompt.format_chunk(chunk, comment_prefix(language_id), root)
 
 
 def format_chunks(chunks: list[Chunk], language_id: str, root: str | None = None) -> str:

@@ -13,9 +13,12 @@
   characters, the rest is the answer, with no model call and no debounce.
 - Speculation: after a suggestion is shown, one background request per document computes the next
   one as if it were accepted and stores it in the cache, so repeated accepts are instant. The
-  server runs it; the policy keeps the record (`Speculation`) and cancels it when a request for the
-  document needs something else.
-- Counters and latency statistics for `dlm/status` and the benchmarks.
+  completion pipeline says what to compute; the policy runs the task, keeps its record
+  (`Speculation`) and cancels it when a request for the document needs something else.
+- Warm timers: "typing paused" warms a document's context in the worker, unless a request for the
+  document comes first (`schedule_warm`, `cancel_warm`).
+- Counters (`record(outcome)` for each answer, `count(event)` for the rest) and latency statistics
+  for `dlm/status` and the benchmarks; `apply(settings)` takes the settings it reads.
 
 Plain asyncio and strings, no LSP types and no documents: tests drive it directly.
 """
@@ -26,9 +29,12 @@ import asyncio
 import collections
 import hashlib
 import json
+import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Awaitable, Callable
+
+log = logging.getLogger("dlm_ls.policy")
 
 CACHE_ENTRIES = 256  # suggestions are short strings: a few hundred cost well under a megabyte
 
@@ -192,6 +198,76 @@ class CompletionPolicy:
         self.cache = SuggestionCache(self.cache_entries)
         self.typed = TypeThrough()
         self.speculations: dict[str, Speculation] = {}
+        self.tasks: set[asyncio.Task] = set()  # background work: speculations, warms
+        self.warm_timers: dict[str, asyncio.Task] = {}
+
+    def apply(self, settings: Any) -> None:
+        """Take the settings the policy reads (debounce, cache size)."""
+        self.debounce_ms = settings.debounce_ms
+        self.cache.capacity = settings.cache_entries
+
+    def reset(self) -> None:
+        """Another model answers from now on: forget what the old one suggested."""
+        self.cache.entries.clear()
+
+    # -- accounting
+
+    def count(self, event: str, n: int = 1) -> None:
+        self.counters[event] += n
+
+    def record(self, outcome: Any) -> dict[str, Any]:
+        """Count one answered request (a completion.Outcome) and time it; returns its `last_request` summary."""
+        self.latency.record("total", outcome.ms)
+        self.latency.record(f"served_{outcome.source}", outcome.ms)  # how fast each kind of answer is
+        r, plan = outcome.result, outcome.plan
+        model: dict[str, Any] = {}
+        if r is not None:
+            self.latency.record("model", r.ms)
+            self.counters["nfe"] += r.nfe
+            self.counters["prefill_tokens"] += r.prefill_tokens  # context the worker's cache did not hold
+            model = {"nfe": r.nfe, "steps": r.steps, "prefill_tokens": r.prefill_tokens,
+                     "canvas_length": r.canvas_length}
+        self.counters["stale" if outcome.stale else "empty" if outcome.text is None else "suggestions"] += 1
+        return {"ms": round(outcome.ms, 2), "cached": outcome.cached, "source": outcome.source,
+                "suggested": outcome.text is not None,
+                "prefix_chars": len(plan.prefix) if plan else 0, "suffix_chars": len(plan.suffix) if plan else 0,
+                "extra_context_chars": len(plan.preamble) if plan else 0, "mode": plan.mode if plan else None,
+                **model}
+
+    # -- background work
+
+    def background(self, coro: Awaitable[Any]) -> asyncio.Task:
+        """Run work nobody waits for; keep a reference (the loop holds tasks weakly) and log failures."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+
+        def reap(t: asyncio.Task) -> None:
+            self.tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.warning("background work failed: %r", t.exception())
+        task.add_done_callback(reap)
+        return task
+
+    def stop_background(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+
+    def schedule_warm(self, uri: str, delay_ms: int, warm: Callable[[], Awaitable[None]]) -> None:
+        """Run `warm()` after `delay_ms` unless a request for the document comes first."""
+        self.cancel_warm(uri)
+        self.warm_timers[uri] = self.background(self._warm_later(uri, delay_ms, warm))
+
+    def cancel_warm(self, uri: str) -> None:
+        task = self.warm_timers.pop(uri, None)
+        if task is not None and not task.done():
+            task.cancel()
+
+    async def _warm_later(self, uri: str, delay_ms: int, warm: Callable[[], Awaitable[None]]) -> None:
+        if delay_ms > 0:
+            await asyncio.sleep(delay_ms / 1000.0)
+        if self.warm_timers.get(uri) is asyncio.current_task():
+            del self.warm_timers[uri]
+        await warm()
 
     # -- cancel-previous and debounce
 
@@ -214,7 +290,8 @@ class CompletionPolicy:
             del self._current[(ticket.uri, ticket.kind)]
 
     def forget_document(self, uri: str) -> None:
-        """The document closed: cancel whatever is still running for it."""
+        """The document closed: cancel whatever is still running or waiting for it."""
+        self.cancel_warm(uri)
         for key in [k for k in self._current if k[0] == uri]:
             ticket = self._current.pop(key)
             ticket.superseded = True
@@ -260,12 +337,16 @@ class CompletionPolicy:
 
     # -- speculation
 
-    def start_speculation(self, uri: str) -> Speculation:
-        """A record for a new speculation of `uri`; the older one, for a suggestion no longer shown, stops."""
+    def start_speculation(self, uri: str,
+                          run: Callable[[Speculation], Awaitable[None]] | None = None) -> Speculation:
+        """A record for a new speculation of `uri`, running `run(record)` in the background; the older
+        one, for a suggestion no longer shown, stops."""
         self.cancel_speculation(uri)
         spec = Speculation(uri)
         self.speculations[uri] = spec
         self.counters["speculations"] += 1
+        if run is not None:
+            spec.task = self.background(run(spec))
         return spec
 
     def speculation(self, uri: str) -> Speculation | None:

@@ -29,8 +29,10 @@ import logging
 import re
 from typing import Any
 
+from lsprotocol import types as lsp
 from lsprotocol.types import ResponseError, ResponseErrorMessage
 from pygls.exceptions import JsonRpcException
+from pygls.protocol import LanguageServerProtocol, lsp_method
 
 from .errors import INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, SERVER_NOT_INITIALIZED
 
@@ -181,3 +183,24 @@ async def read_messages(reader, protocol: AnsweringProtocol, stop_event, max_byt
             protocol.receive(body)
         except Exception:  # noqa: BLE001 - one message must never end the loop
             log.exception("could not handle a message")
+
+
+class DlmProtocol(AnsweringProtocol, LanguageServerProtocol):
+    """pygls' protocol, with documents kept only in our store (server.py), and every
+    request answered exactly once (protocol.py)."""
+
+    def _user(self, method: str, params: Any):
+        if (handler := self.fm.features.get(method)) is not None:
+            yield handler, (params,), None
+
+    @lsp_method(lsp.TEXT_DOCUMENT_DID_OPEN)
+    def lsp_text_document__did_open(self, params: lsp.DidOpenTextDocumentParams):
+        yield from self._user(lsp.TEXT_DOCUMENT_DID_OPEN, params)
+
+    @lsp_method(lsp.TEXT_DOCUMENT_DID_CHANGE)
+    def lsp_text_document__did_change(self, params: lsp.DidChangeTextDocumentParams):
+        yield from self._user(lsp.TEXT_DOCUMENT_DID_CHANGE, params)
+
+    @lsp_method(lsp.TEXT_DOCUMENT_DID_CLOSE)
+    def lsp_text_document__did_close(self, params: lsp.DidCloseTextDocumentParams):
+        yield from self._user(lsp.TEXT_DOCUMENT_DID_CLOSE, params)

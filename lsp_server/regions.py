@@ -6,7 +6,7 @@ string or a comment? Line rules are used for block starts because they survive t
 code being typed; the tree is used for strings and comments because they span lines. Without a tree
 (unsupported language, or a tree for other text) a small line lexer answers that question instead.
 
-What it does not know: the model, tokens (canvas sizes are budgets the worker turns into masks), the
+What it does not know: the model, tokens (the checkpoint's sampler.json sets the canvas lengths), the
 document store, or LSP positions: offsets are Python ``str`` offsets.
 """
 
@@ -17,11 +17,9 @@ from dataclasses import dataclass
 
 from .syntax import SyntaxTree
 
-# Canvas lengths (tokens) tried in parallel for each kind of region; the worker batches them.
-LINE_CANVAS_LENGTHS = (8, 16, 32)
+# The longest middle for each kind of region, in tokens (block decoding extends the best canvas up to it).
+# The canvas lengths tried in parallel are the checkpoint's (sampler.json): the model was trained on them.
 LINE_MAX_TOKENS = 32
-# A block starts with two canvases; block decoding extends the best one up to BLOCK_MAX_TOKENS.
-BLOCK_CANVAS_LENGTHS = (16, 32)
 BLOCK_MAX_TOKENS = 128
 
 # Right of the cursor, only these may follow for a completion to make sense (closers, separators).
@@ -64,21 +62,20 @@ IDENTIFIER_CHAR = re.compile(r"\w")
 @dataclass(frozen=True)
 class Region:
     kind: str  # "none" | "line" | "block"
-    canvas_lengths: tuple[int, ...]
     max_tokens: int
     reason: str
 
     @classmethod
     def none(cls, reason: str) -> "Region":
-        return cls("none", (), 0, reason)
+        return cls("none", 0, reason)
 
     @classmethod
     def line(cls, reason: str) -> "Region":
-        return cls("line", LINE_CANVAS_LENGTHS, LINE_MAX_TOKENS, reason)
+        return cls("line", LINE_MAX_TOKENS, reason)
 
     @classmethod
     def block(cls, reason: str) -> "Region":
-        return cls("block", BLOCK_CANVAS_LENGTHS, BLOCK_MAX_TOKENS, reason)
+        return cls("block", BLOCK_MAX_TOKENS, reason)
 
 
 @dataclass(frozen=True)

@@ -18,16 +18,16 @@ from typing import Callable
 
 import torch
 
-from . import layout
+from . import layout, prompt
+from . import tokenizer as tokenization
 from . import tokens as T
 from .config import SamplerConfig
 from .engine import Engine, EngineError, InfillJob, TokenResult
-from .load import DEFAULT_MODEL_DIR, load_model, load_sampler_config, load_tokenizer
-from .train.tokenizer import encode_plain
+from .load import DEFAULT_MODEL_DIR, CheckpointError, load_model, load_sampler_config
+from .prompt import MODES
 
 MASK_GLYPH = "\u2591"  # how an undecided slot looks in a streamed refinement state
-MODES = ("line", "block", "auto")
-DEFAULT_MAX_CONTEXT_TOKENS = 2048  # for a model that does not say how long its training rows were
+DEFAULT_MAX_CONTEXT_TOKENS = prompt.DEFAULT_CONTEXT_TOKENS  # for a model that does not say how long its rows were
 
 
 def default_context_tokens(model_config, sampler: SamplerConfig) -> int:
@@ -139,23 +139,24 @@ class Infiller:
         if not (self.model_dir / "config.json").exists():
             raise InfillError(f"no model at {self.model_dir}: expected a checkpoint folder with config.json")
         self.model = load_model(self.model_dir, device, dtype)
-        self.tokenizer = load_tokenizer(self.model_dir)  # transformers PreTrainedTokenizerFast
-        self._backend = self.tokenizer.backend_tokenizer
+        if not (self.model_dir / "tokenizer.json").exists():
+            raise CheckpointError(f"{self.model_dir} has no tokenizer.json")
+        self.tokenizer = tokenization.load(self.model_dir / "tokenizer.json", ours=self.model.config.layout == "dlm")
         self.defaults = load_sampler_config(self.model_dir)
         kwargs = {"cache_budget_bytes": cache_budget_bytes} if cache_budget_bytes else {}
         if max_context_tokens is None:
             max_context_tokens = default_context_tokens(self.model.config, self.defaults)
         self.engine = Engine(self.model, max_context_tokens=max_context_tokens, captured_step=captured_step, **kwargs)
         self.max_context_tokens = self.engine.max_context_tokens
-        self.newline_ids = frozenset(i for i in range(len(self.tokenizer)) if "\n" in self._decode([i]))
+        self.newline_ids = frozenset(i for i in range(self.tokenizer.get_vocab_size()) if "\n" in self._decode([i]))
 
     # ---- text <-> tokens --------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
-        return encode_plain(self._backend, text)
+        return tokenization.encode_plain(self.tokenizer, text)
 
     def _decode(self, ids: list[int]) -> str:
-        return self._backend.decode(ids, skip_special_tokens=False)
+        return tokenization.decode(self.tokenizer, ids)
 
     def render(self, ids: list[int], mode: str) -> str:
         """Tokens to text, undecided slots as MASK_GLYPH; in line mode, up to the first newline."""
@@ -173,17 +174,24 @@ class Infiller:
         text = "".join(parts)
         return text.split("\n", 1)[0] if mode == "line" else text
 
-    def context_for(self, segments: list[str]) -> list[int]:
+    def context_for(self, segments: list[str], preamble: str = "") -> list[int]:
+        """The layout's context for the text around the holes, and chunks of other files (`preamble`)
+        shown before the prefix: tokenized and fitted as training does (prompt.context_ids)."""
         if len(segments) < 2:
             raise InfillError("need the text around at least one hole: [prefix, suffix]")
         if len(segments) - 1 > T.MAX_HOLES:
             raise InfillError(f"at most {T.MAX_HOLES} holes per request, got {len(segments) - 1}")
-        ids = [self.encode(s) for s in segments]
         budget = self.max_context_tokens
+        if len(segments) == 2:
+            return layout.single_hole_context(*prompt.context_ids(self.encode, self._decode, preamble, *segments,
+                                                                  budget))
+        if preamble:
+            raise InfillError("a preamble goes with one hole; fill requests send none")
+        ids = [self.encode(s) for s in segments]
         inner = sum(len(s) for s in ids[1:-1]) + 2 * (len(ids) - 2)
         if inner > budget // 2:
             raise InfillError(f"the text between the holes is {inner} tokens; at most {budget // 2} fit the context")
-        first, last = layout.truncate_context(ids[0], ids[-1], budget - inner)
+        first, last = prompt.truncate_context(ids[0], ids[-1], budget - inner)
         return layout.multi_hole_context([first, *ids[1:-1], last])
 
     # ---- jobs -------------------------------------------------------------------------------------
@@ -196,16 +204,17 @@ class Infiller:
         except (TypeError, ValueError) as exc:
             raise InfillError(f"bad sampler option: {exc}") from None
 
-    def start(self, segments: list[str], *, mode: str = "auto", cache_key: str | None = None, **overrides) -> InfillTextJob:
+    def start(self, segments: list[str], *, mode: str = "auto", cache_key: str | None = None, preamble: str = "",
+              **overrides) -> InfillTextJob:
         opts = self.options(mode, **overrides)
         holes = len(segments) - 1
         if self.model.config.layout != "dlm":
             if holes != 1:
                 raise InfillError("natural-order models (Dream, LLaDA) fill one hole per request")
-            prefix, suffix = layout.truncate_context(self.encode(segments[0]), self.encode(segments[1]),
+            prefix, suffix = prompt.truncate_context(self.encode(preamble + segments[0]), self.encode(segments[1]),
                                                      self.max_context_tokens)
             return InfillTextJob(self, NaturalOrderJob(self.model, prefix, suffix, opts), mode)
-        context = self.context_for(segments)
+        context = self.context_for(segments, preamble)
         hole_lengths = [max(opts.canvas_lengths)] * holes if holes > 1 else None
         stop = self.newline_ids if mode == "line" and holes == 1 else frozenset()
         try:
@@ -222,8 +231,8 @@ class Infiller:
 
     def complete(self, segments: list[str], *, mode: str = "auto", cache_key: str | None = None,
                  on_step: Callable[[InfillTextJob], None] | None = None,
-                 should_cancel: Callable[[], bool] | None = None, **overrides) -> InfillResult:
-        job = self.start(segments, mode=mode, cache_key=cache_key, **overrides)
+                 should_cancel: Callable[[], bool] | None = None, preamble: str = "", **overrides) -> InfillResult:
+        job = self.start(segments, mode=mode, cache_key=cache_key, preamble=preamble, **overrides)
         while not job.done:
             if should_cancel is not None and should_cancel():
                 job.cancel()
@@ -233,7 +242,7 @@ class Infiller:
                 on_step(job)
         return job.result()
 
-    def score_middle(self, segments: list[str], middle: str) -> dict:
+    def score_middle(self, segments: list[str], middle: str, preamble: str = "") -> dict:
         """The log-likelihood of `middle` in the one hole, as the `ar` strategy factors it: each token a
         one-slot canvas after the tokens before it, then the PAD that ends the middle. An exact
         likelihood (not a bound), with the engine's banned ids excluded as when sampling.
@@ -243,7 +252,7 @@ class Infiller:
         """
         if self.model.config.layout != "dlm" or len(segments) != 2:
             raise InfillError("scoring takes one hole and a model in dlm-ls's own layout")
-        context = self.context_for(segments)
+        context = self.context_for(segments, preamble)
         target = self.encode(middle) + [T.PAD_ID]
         n_ctx, n = len(context), len(target)
         committed = n_ctx + n - 1  # context + every middle token but the last target (PAD)
@@ -286,9 +295,9 @@ class Infiller:
             logp = torch.log_softmax(logits, -1)[torch.arange(len(target)), torch.tensor(target, device=dev)]
         return {"tokens": len(target), "nll": float(-logp.sum()), "token_nll": [round(float(-x), 4) for x in logp]}
 
-    def warm(self, cache_key: str, segments: list[str]) -> None:
+    def warm(self, cache_key: str, segments: list[str], preamble: str = "") -> None:
         """Compute a context's cache ahead of the request that will need it (document opened, cursor settled)."""
-        self.engine.prefill(cache_key, self.context_for(segments))
+        self.engine.prefill(cache_key, self.context_for(segments, preamble))
 
     def cache_stats(self) -> dict:
         return self.engine.cache.summary()

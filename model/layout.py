@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import tokens as T
+from .prompt import truncate_context  # noqa: F401 (the context rule is the prompt module's)
 
 
 def single_hole_context(prefix: list[int], suffix: list[int]) -> list[int]:
@@ -50,21 +51,6 @@ def canvas_region(lengths: list[int]) -> tuple[list[int], list[int]]:
         starts[i] = len(region)
         region += [T.MASK_ID] * lengths[i]
     return region, starts
-
-
-def truncate_context(prefix: list[int], suffix: list[int], budget: int, suffix_share: float = 0.25) -> tuple[list[int], list[int]]:
-    """Fit prefix and suffix into `budget` tokens: keep the prefix's end and the suffix's start.
-
-    The suffix gets at most `suffix_share` of the budget unless the prefix leaves room, because
-    the code just above the cursor predicts the middle best.
-    """
-    budget = max(0, budget - 3)  # <|suf|>, <|pre|>, <|mid|>
-    if len(prefix) + len(suffix) <= budget:
-        return prefix, suffix
-    suffix_room = max(budget - len(prefix), int(budget * suffix_share))
-    suffix = suffix[: min(len(suffix), suffix_room)]
-    prefix = prefix[len(prefix) - min(len(prefix), budget - len(suffix)) :]
-    return prefix, suffix
 
 
 def packed_mask(example: Tensor, is_canvas: Tensor) -> Tensor:

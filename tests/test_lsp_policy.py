@@ -9,7 +9,7 @@ from dlm_ls.lsp_server import documents as D
 from dlm_ls.lsp_server.config import Settings
 from dlm_ls.lsp_server.errors import DlmError, to_lsp
 from dlm_ls.lsp_server.policy import CompletionPolicy, LatencyStats
-from dlm_ls.lsp_server.server import finish_completion, plan_completion
+from dlm_ls.lsp_server.completion import finish_completion, plan_completion
 
 
 def test_settings_accept_camel_case_sections_and_report_bad_values():
@@ -103,7 +103,8 @@ def test_plan_skips_comments_and_cleans_line_middles():
 
 
 def test_prompt_window_cuts_at_lines_so_typing_keeps_the_window_start():
-    from dlm_ls.lsp_server.server import SUFFIX_SHARE, PREFIX_SHARE, prompt_window
+    from dlm_ls.lsp_server.completion import prompt_window
+    from dlm_ls.model.prompt import PREFIX_SHARE, SUFFIX_SHARE
 
     body = "".join(f"value_{i} = compute(alpha, beta, {i})\n" for i in range(400))
     text = body + "result = \n" + body

@@ -8,8 +8,8 @@ import asyncio
 from dlm_ls.lsp_server import documents as D
 from dlm_ls.lsp_server.config import Settings
 from dlm_ls.lsp_server.policy import CompletionPolicy, SuggestionCache, TypeThrough, context_key
-from dlm_ls.lsp_server.server import (choose_completion, extra_context_preamble, plan_completion, prompt_chars,
-                                      prompt_window)
+from dlm_ls.lsp_server.completion import (choose_completion, extra_context_preamble, plan_completion,
+                                          prompt_chars, prompt_window)
 from dlm_ls.worker.protocol import InfillReply
 
 # --------------------------------------------------------------------------- the cache
@@ -195,7 +195,8 @@ def test_a_tree_with_an_insert_equals_a_fresh_parse_and_leaves_the_original_alon
 
 
 def test_fill_plans_with_the_documents_tree_find_the_same_holes():
-    from dlm_ls.lsp_server.server import attach_syntax, plan_fill
+    from dlm_ls.lsp_server.completion import attach_syntax
+    from dlm_ls.lsp_server.fill import plan_fill
 
     text = "def f(x: tuple[int, ...]):\n    ...\n\n\ny = <|hole|>\n"
     doc = D.Document("file:///h.py", text, "python")

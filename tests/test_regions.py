@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from dlm_ls.lsp_server.regions import (BLOCK_CANVAS_LENGTHS, BLOCK_MAX_TOKENS, LINE_CANVAS_LENGTHS,
-                                       LINE_MAX_TOKENS, Region, cursor_context, decide_region)
+from dlm_ls.lsp_server.regions import BLOCK_MAX_TOKENS, LINE_MAX_TOKENS, Region, cursor_context, decide_region
 from dlm_ls.lsp_server.syntax import SyntaxTree
 
 TREE = "tree-only"
@@ -131,13 +130,11 @@ def test_region_line_fallback(language_id, marked, kind, tree_only):
 def test_region_sizes_are_the_named_defaults():
     text, offset = split_cursor("print(█)\n")
     line = decide_region(text, offset, "python")
-    assert (line.canvas_lengths, line.max_tokens) == (LINE_CANVAS_LENGTHS, LINE_MAX_TOKENS)
-    assert (LINE_CANVAS_LENGTHS, LINE_MAX_TOKENS) == ((8, 16, 32), 32)
+    assert line.max_tokens == LINE_MAX_TOKENS == 32
     text, offset = split_cursor("def f():\n    █\n")
     block = decide_region(text, offset, "python")
-    assert (block.canvas_lengths, block.max_tokens) == (BLOCK_CANVAS_LENGTHS, BLOCK_MAX_TOKENS)
-    assert (BLOCK_CANVAS_LENGTHS, BLOCK_MAX_TOKENS) == ((16, 32), 128)
-    assert Region.none("x").canvas_lengths == ()
+    assert block.max_tokens == BLOCK_MAX_TOKENS == 128
+    assert Region.none("x").max_tokens == 0
 
 
 def test_stale_tree_is_ignored():

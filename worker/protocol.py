@@ -31,6 +31,8 @@ from typing import Any
 
 import msgpack
 
+from ..model.prompt import MODES
+
 # --------------------------------------------------------------------------- errors
 
 # The symbolic error codes both ends use; the language server maps each to an LSP code (errors.py).
@@ -102,7 +104,6 @@ class ProtocolError(DlmError):
 
 # --------------------------------------------------------------------------- typed messages
 
-MODES = ("line", "block", "auto")  # what the model is asked to write: one line, a block, or its choice
 PRIORITIES = ("normal", "low")  # low: the server's speculative suggestions, stepped only in idle turns
 METHODS = ("infill", "cancel", "warm", "status", "ping", "shutdown")
 
@@ -130,6 +131,7 @@ class InfillRequest:
     priority: str = "normal"
     cache_key: str | None = None  # the context-cache entry to reuse and update (the server: the document)
     stream: bool = False  # send a StepUpdate after every refinement step
+    preamble: str = ""  # chunks of other files shown before the first segment, tokenized apart (model/prompt.py)
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,8 +154,12 @@ class InfillRequest:
         key = p.get("cache_key")
         if key is not None and not isinstance(key, str):
             raise DlmError("invalid_params", "cache_key must be a string")
+        preamble = p.get("preamble") or ""
+        if not isinstance(preamble, str):
+            raise DlmError("invalid_params", "preamble must be a string")
         rid = p.get("id")
-        return cls(segments, "" if rid is None else str(rid), mode, overrides, priority, key, bool(p.get("stream")))
+        return cls(segments, "" if rid is None else str(rid), mode, overrides, priority, key, bool(p.get("stream")),
+                   preamble)
 
 
 @dataclass
@@ -209,6 +215,7 @@ class WarmRequest:
 
     cache_key: str
     segments: list[str]
+    preamble: str = ""
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -219,7 +226,10 @@ class WarmRequest:
         segments = _text_list(p.get("segments"), "warm needs segments: a list of strings", 0)
         if not isinstance(p.get("cache_key"), str):
             raise DlmError("invalid_params", "warm needs a cache_key: the entry a later request will reuse")
-        return cls(p["cache_key"], segments)
+        preamble = p.get("preamble") or ""
+        if not isinstance(preamble, str):
+            raise DlmError("invalid_params", "preamble must be a string")
+        return cls(p["cache_key"], segments, preamble)
 
 
 @dataclass

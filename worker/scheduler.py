@@ -181,7 +181,8 @@ class Scheduler:
         p = req.infill
         req.started = time.perf_counter()
         try:
-            req.job = self.inf.start(p.segments, mode=p.mode, cache_key=p.cache_key, **p.overrides)
+            req.job = self.inf.start(p.segments, mode=p.mode, cache_key=p.cache_key, preamble=p.preamble,
+                                     **p.overrides)
         except InfillError as exc:
             self.counters["errors"] += 1
             req.done(None, DlmError("infill_error", str(exc)))
@@ -271,7 +272,7 @@ class Scheduler:
 
             warm = params if isinstance(params, WarmRequest) else WarmRequest.from_wire(params)
             try:
-                self.inf.warm(warm.cache_key, warm.segments)
+                self.inf.warm(warm.cache_key, warm.segments, warm.preamble)
             except InfillError as exc:
                 raise DlmError("infill_error", str(exc)) from None
             self.counters["warms"] += 1

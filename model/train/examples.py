@@ -6,8 +6,9 @@ context is built by `model/layout.py`, and the middle is written into one canvas
 block rule the sampler uses (earlier blocks committed into the causal context, the rest PAD-ended).
 Examples for step s are a pure function of (seed, step), so the data position of a run is its step.
 
-This module knows text, the tokenizer (anything with `encode(text, add_special_tokens=False).ids`)
-and tree-sitter's Python grammar. It does not know the network, the loss or the optimizer: it hands
+The prompt around a hole (windows, budget shares, preamble, line-start rule) is model/prompt.py's,
+which the server uses too. This module knows text, the tokenizer (`tokenizers.Tokenizer`, through
+model/tokenizer.py) and tree-sitter's Python grammar. It does not know the network, the loss or the optimizer: it hands
 the loop token ids, targets, flags and weights as tensors.
 """
 
@@ -24,8 +25,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .. import layout
+from .. import layout, prompt
 from .. import tokens as T
+from ..tokenizer import decode, encode_plain
 
 
 @dataclass(frozen=True)
@@ -198,19 +200,18 @@ SPANS = {"line": span_line, "lines": span_lines, "node": span_node, "span": span
 # ------------------------------------------------------------------------------------------- examples
 
 
-def _window(text: str, s: int, e: int, nchars: int) -> tuple[str, str]:
-    """Prefix and suffix cut to about nchars each, at line boundaries.
-
-    Tokenizing a whole 100 KB file per example is too slow; a cut at a line start changes at most
-    the first tokens of the window, which truncation then drops (the window holds more than the budget).
-    """
-    lo = 0 if s <= nchars else text.rfind("\n", 0, s - nchars) + 1
-    hi = text.find("\n", e + nchars) if e + nchars < len(text) else -1
-    return text[lo:s], text[e:] if hi < 0 else text[e:hi]
-
-
 def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer.encode(text, add_special_tokens=False).ids if text else []
+    return encode_plain(tokenizer, text) if text else []
+
+
+def hole_context(text: str, start: int, end: int, tokenizer, budget: int, preamble: str = "",
+                 window_chars_per_token: int = ExampleConfig.window_chars_per_token) -> list[int]:
+    """The layout's context for a hole at [start, end) of `text` within `budget` tokens, with chunks of
+    other files (`preamble`) before the prefix: the server's prompt (model/prompt.py), token for token."""
+    prefix_text, suffix_text = prompt.span_window(text, start, end, window_chars_per_token * budget + 256)
+    first, last = prompt.context_ids(lambda t: _encode(tokenizer, t), lambda ids: decode(tokenizer, ids), preamble,
+                                     prefix_text, suffix_text, budget)
+    return layout.single_hole_context(first, last)
 
 
 def _draw_mask(n: int, t: float, rng: random.Random) -> list[bool]:
@@ -246,14 +247,9 @@ def single_hole_example(src: Source, span: tuple[int, int], tokenizer, rng: rand
     if room < 8:
         return None
     budget = _draw_budget(rng, cfg, room)
-    preamble = _preamble(src, s, e, tokenizer, rng, neighbours, room)
-    budget = max(budget, min(room, 2 * len(preamble)))  # a preamble never leaves the prefix with nothing
-    prefix_text, suffix_text = _window(text, s, e, cfg.window_chars_per_token * budget + 256)
-    whole_prefix = _encode(tokenizer, prefix_text)
-    prefix, suffix = layout.truncate_context(whole_prefix, _encode(tokenizer, suffix_text), budget - len(preamble))
-    if preamble and len(prefix) < len(whole_prefix):
-        prefix = _from_line_start(prefix, tokenizer)  # the server puts whole lines after its preamble
-    context = layout.single_hole_context(preamble + prefix, suffix) + committed
+    preamble, preamble_tokens = _preamble(src, s, e, tokenizer, rng, neighbours, room)
+    budget = max(budget, min(room, 2 * preamble_tokens))  # a preamble never leaves the prefix with nothing
+    context = hole_context(text, s, e, tokenizer, budget, preamble, cfg.window_chars_per_token) + committed
     t = rng.uniform(cfg.mask_eps, 1.0)
     masked = _draw_mask(c, t, rng)
     canvas = [T.MASK_ID if mk else tok for tok, mk in zip(truth, masked)]
@@ -263,22 +259,17 @@ def single_hole_example(src: Source, span: tuple[int, int], tokenizer, rng: rand
                    committed=len(committed), holes=[span])
 
 
-def _from_line_start(ids: list[int], tokenizer) -> list[int]:
-    """The tokens of the text after the first newline (a merged newline+indent token must not be split)."""
-    text = tokenizer.decode(ids)
-    cut = text.find("\n")
-    return _encode(tokenizer, text[cut + 1:]) if cut >= 0 else ids
-
-
-def _preamble(src: Source, s: int, e: int, tokenizer, rng: random.Random, neighbours, room: int) -> list[int]:
-    """Tokens of cross-file chunks to put before the prefix, as the server does; [] for none (see neighbours.py)."""
+def _preamble(src: Source, s: int, e: int, tokenizer, rng: random.Random, neighbours,
+              room: int) -> tuple[str, int]:
+    """Cross-file chunks to put before the prefix, as the server does, and their token count; ("", 0) for
+    none (see neighbours.py)."""
     if neighbours is None or src.index is None:
-        return []
+        return "", 0
     line_start = src.text.rfind("\n", 0, s) + 1
     line_end = src.text.find("\n", e)
     text = neighbours.preamble(src.index, src.text[line_start: len(src.text) if line_end < 0 else line_end], rng)
-    tokens = _encode(tokenizer, text)
-    return tokens if len(tokens) <= neighbours.cfg.max_share * room else []
+    tokens = len(_encode(tokenizer, text))
+    return (text, tokens) if tokens <= neighbours.cfg.max_share * room else ("", 0)
 
 
 def multi_hole_example(src: Source, tokenizer, rng: random.Random, cfg: ExampleConfig,
@@ -318,8 +309,9 @@ def multi_hole_example(src: Source, tokenizer, rng: random.Random, cfg: ExampleC
     if room < 8:
         return None
     budget = _draw_budget(rng, cfg, room)
-    prefix_text, suffix_text = _window(text, spans[0][0], spans[-1][1], cfg.window_chars_per_token * budget + 256)
-    prefix, suffix = layout.truncate_context(_encode(tokenizer, prefix_text), _encode(tokenizer, suffix_text), budget)
+    prefix_text, suffix_text = prompt.span_window(text, spans[0][0], spans[-1][1],
+                                                  cfg.window_chars_per_token * budget + 256)
+    prefix, suffix = prompt.truncate_context(_encode(tokenizer, prefix_text), _encode(tokenizer, suffix_text), budget)
     context = layout.multi_hole_context([prefix, *inner, suffix])
     truth = [-1] * len(region)  # sentinels stay -1: fixed input, no loss
     slot = [False] * len(region)

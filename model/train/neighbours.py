@@ -8,7 +8,7 @@ assignment) in another file of the same package, a chunk starting at that defini
 alone, distractor chunks from other files, so that the model also learns to ignore what does not help.
 
 It knows the corpus (files with their package and path), the Python definition syntax as a regular
-expression and the server's chunk format. It does not know tokens, the layout or the network:
+expression and the chunk format (model/prompt.py, which the server uses too). It does not know tokens, the layout or the network:
 `examples.py` decides where the preamble goes and how many tokens it may take.
 """
 
@@ -18,7 +18,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from ...lsp_server.extra_context import Chunk, format_chunk
+from ..prompt import EXTRA_CONTEXT_CHARS, Chunk, format_chunk
 
 # def NAME / class NAME (any indentation), or NAME = / NAME: T = at the start of a line
 _DEFINES = re.compile(r"^[ \t]*(?:async[ \t]+)?(?:def|class)[ \t]+([A-Za-z_]\w*)|^([A-Za-z_]\w*)[ \t]*(?::[^=\n]*)?=(?!=)",
@@ -32,7 +32,7 @@ class NeighbourConfig:
     distractor_only_prob: float = 0.3  # when no neighbour defines a name on the line: distractors alone, this often
     max_distractors: int = 2
     chunk_lines: tuple[int, int] = (2, 12)  # lines per chunk, drawn uniformly
-    max_chars: int = 1500  # the server's default extra_context_chars
+    max_chars: int = EXTRA_CONTEXT_CHARS  # the server's default extra_context_chars
     max_share: float = 0.5  # the preamble takes at most this share of the example's context budget
 
 
@@ -81,7 +81,7 @@ class Neighbours:
         rng.shuffle(chunks)  # the server ranks the best first; position must not be the only clue
         out = ""
         for chunk in chunks:  # paths shown relative to the package, as the server shows workspace paths
-            text = format_chunk(chunk, "python", root=f"file:///{pkg}")
+            text = format_chunk(chunk, "#", root=f"file:///{pkg}")
             if len(out) + len(text) > cfg.max_chars:
                 continue
             out += text

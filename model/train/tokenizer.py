@@ -1,4 +1,4 @@
-"""Train, load and use the byte-level BPE tokenizer; add token counts to the corpus manifest.
+"""Train the byte-level BPE tokenizer; add token counts to the corpus manifest.
 
 What it does: trains a byte-level BPE (`tokenizers`) on a deterministic sample of the corpus's
 train split, with the special tokens of `dlm_ls.model.tokens` at ids 0..N-1 in their declared
@@ -7,12 +7,7 @@ order; saves a `tokenizer.json` that both `tokenizers.Tokenizer.from_file` and
 `decode(encode(x)) == x` for any string (no normalizer, no prefix space, byte-level alphabet
 seeded with all 256 bytes, no BOS/EOS post-processor).
 
-Special-token strings in user text: `tokenizers` matches added tokens anywhere in the input, and
-`add_special_tokens=False` does not stop that (it only skips the post-processor). So a file that
-contains the literal text "<|mask|>" would encode to MASK_ID with plain `encode`. Use
-`encode_plain` / `encode_plain_batch` for all source text (server requests and training data):
-they cut such literals out and encode them byte by byte, so they round-trip as text and never
-become control ids. Decode with `skip_special_tokens=False` when ids may hold special tokens.
+Loading and encoding (`encode_plain`, special-token strings kept as text) are `model/tokenizer.py`.
 
 What it does not know: the model, the infill layout, or anything about the corpus beyond the
 JSONL rows ({"path", "package", "license", "text"}) and manifest written by corpus.py.
@@ -23,7 +18,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -31,7 +25,9 @@ from typing import Iterator, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from dlm_ls.model.tokens import SPECIAL_TOKENS
+from ..tokenizer import BYTE_CHARS, check_special_ids, decode, encode_plain, encode_plain_batch  # noqa: F401
+from ..tokenizer import load as load_tokenizer
+from ..tokens import SPECIAL_TOKENS
 
 # Defaults (one place)
 VOCAB_SIZE = 16384
@@ -40,23 +36,7 @@ MIN_FREQUENCY = 2
 SAMPLE_SEED = "dlm-ls-tokenizer-v1"
 TRAIN_SPLIT = "train"
 
-_SPECIAL_RE = re.compile("|".join(re.escape(t) for t in sorted(SPECIAL_TOKENS, key=len, reverse=True)))
 
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable-char table, which the ByteLevel pre-tokenizer also uses."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
-BYTE_CHARS = _bytes_to_unicode()
 
 
 def new_tokenizer() -> Tokenizer:
@@ -122,58 +102,6 @@ def train_tokenizer(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(out_path))
     return out_path
-
-
-def check_special_ids(tok: Tokenizer) -> None:
-    for i, t in enumerate(SPECIAL_TOKENS):
-        got = tok.token_to_id(t)
-        assert got == i, f"special token {t!r} has id {got}, expected {i}"
-    for ch in BYTE_CHARS.values():
-        assert tok.token_to_id(ch) is not None, f"byte char {ch!r} missing from the vocabulary"
-
-
-def load_tokenizer(path: Path | str) -> Tokenizer:
-    tok = Tokenizer.from_file(str(path))
-    check_special_ids(tok)
-    return tok
-
-
-def _plain_literal_ids(tok: Tokenizer, literal: str) -> list[int]:
-    # One id per byte: a special-token string typed in a file stays text, never a control id.
-    return [tok.token_to_id(BYTE_CHARS[b]) for b in literal.encode("utf-8")]
-
-
-def encode_plain(tok: Tokenizer, text: str) -> list[int]:
-    """Encode user/source text with special-token strings treated as ordinary text."""
-    if "<|" not in text or not _SPECIAL_RE.search(text):
-        return tok.encode(text, add_special_tokens=False).ids
-    ids: list[int] = []
-    pos = 0
-    for m in _SPECIAL_RE.finditer(text):
-        if m.start() > pos:
-            ids += tok.encode(text[pos : m.start()], add_special_tokens=False).ids
-        ids += _plain_literal_ids(tok, m.group())
-        pos = m.end()
-    if pos < len(text):
-        ids += tok.encode(text[pos:], add_special_tokens=False).ids
-    return ids
-
-
-def encode_plain_batch(tok: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """Batch form of encode_plain: clean texts go through the parallel Rust batch encoder."""
-    out: list[list[int] | None] = [None] * len(texts)
-    clean = [i for i, t in enumerate(texts) if "<|" not in t or not _SPECIAL_RE.search(t)]
-    if clean:
-        for i, enc in zip(clean, tok.encode_batch([texts[i] for i in clean], add_special_tokens=False)):
-            out[i] = enc.ids
-    for i, t in enumerate(texts):
-        if out[i] is None:
-            out[i] = encode_plain(tok, t)
-    return out  # type: ignore[return-value]
-
-
-def decode(tok: Tokenizer, ids: Sequence[int]) -> str:
-    return tok.decode(list(ids), skip_special_tokens=False)
 
 
 def add_token_counts(corpus_dir: Path | str, tokenizer_path: Path | str, batch: int = 256) -> dict:
