@@ -32,6 +32,7 @@ from torch import Tensor
 
 from ..kernels.select_commit import select_commit
 from .network import KV, DiffusionLM
+from .sampler import choose_commits
 
 Select = Callable[..., tuple[Tensor, Tensor, Tensor]]
 
@@ -51,6 +52,7 @@ def refine_natural_order(
     refresh_every: int = 0,  # 0: refresh at block boundaries only; k: also every k steps; 1: exact, no cache
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
+    pad_id: int | None = None,  # the checkpoint's pad: a chosen pad takes the pad guesses just before it
 ) -> tuple[list[int], int]:
     """Fill `n_slots` masked slots between prefix and suffix; returns (the slots' tokens, forward passes)."""
     if n_slots < 1 or block_size < 1 or max_steps < 1:
@@ -75,7 +77,7 @@ def refine_natural_order(
                     block_logits = block_pass(model, x, positions, cache, lo, hi, logits_shift)
                 nfe += 1
                 commit(x[0, lo:hi], masked, block_logits, select, threshold, last=step == max_steps - 1,
-                       mask_id=mask_id, temperature=temperature, generator=generator)
+                       mask_id=mask_id, temperature=temperature, generator=generator, pad_id=pad_id)
     return x[0, P:P + n_slots].tolist(), nfe
 
 
@@ -105,19 +107,18 @@ def slot_logits(logits: Tensor, first: int, lo: int, hi: int, logits_shift: bool
 
 
 def commit(block: Tensor, masked: Tensor, logits: Tensor, select: Select, threshold: float, last: bool,
-           mask_id: int, temperature: float = 0.0, generator: torch.Generator | None = None) -> None:
-    """Write into `block` (a view of the sequence) every masked slot that clears the threshold:
-    at least the most confident one, and all of them on the block's last step. A slot never
-    becomes the mask token (as in the engine), so every committed slot stays committed."""
+           mask_id: int, temperature: float = 0.0, generator: torch.Generator | None = None,
+           pad_id: int | None = None) -> None:
+    """Write into `block` (a view of the sequence) the masked slots the sampler's commit rule picks
+    (sampler.choose_commits: those that clear the threshold, at least the most confident one, all of
+    them on the block's last step, and with `pad_id` the pad guesses just before a chosen pad). A slot
+    never becomes the mask token (as in the engine), so every committed slot stays committed."""
     idx = masked.nonzero().squeeze(1)
     slot = logits[idx]  # (n, V), a copy
     slot[:, mask_id] = float("-inf")
     token, conf, above = select(slot, threshold, temperature, generator)
-    if last:
-        take = torch.ones_like(above)
-    elif above.any():
-        take = above
-    else:
-        take = torch.zeros_like(above)
-        take[conf.argmax()] = True
-    block[idx[take]] = token[take]
+    tokens = token.tolist()
+    chosen = choose_commits([True] * len(tokens), above.tolist(), conf.float().tolist(), last,
+                            tokens if pad_id is not None else None, pad_id if pad_id is not None else -1)
+    take = idx[torch.tensor(chosen, dtype=torch.long, device=idx.device)]
+    block[take] = token[torch.tensor(chosen, dtype=torch.long, device=token.device)]

@@ -4,7 +4,8 @@
 reuses or computes the context's cached keys/values and lays out one canvas row per candidate
 length. `Engine.step(jobs)` runs ONE forward pass over every live row of every job given
 (several candidate lengths, several requests, several editors) and applies the sampler's commit
-rule to each row. A job can be cancelled between any two steps. `Engine.run` is the plain loop.
+rule to each row, in named steps: assemble -> forward -> constrain -> extend the row caches ->
+commit. A job can be cancelled between any two steps. `run_to_end` is the one run loop.
 
 Each row attends to [its context (shared, cached)] [its committed blocks (cached per row)]
 [its pending block + current canvas]; masks come from `layout.step_mask`.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -26,10 +27,25 @@ from . import layout
 from . import tokens as T
 from .cache import DEFAULT_BUDGET_BYTES, ContextCacheStore, ContextKV
 from .config import SamplerConfig
+from .network import token_logits
 from .sampler import Row
 
 KV = tuple[Tensor, Tensor]
 PREFILL_CHUNK = 512  # context tokens per prefill pass: bounds the (chunk x context) mask's memory
+
+
+@dataclass
+class StepBatch:
+    """One step's live rows laid out as a batch: what the named steps of `Engine.step` share."""
+
+    live: list[tuple["InfillJob", int]]  # (job, row index) per batch row
+    rows: list[Row]
+    n_pending: list[int]  # per batch row: tokens of its pending block (committed last step, not cached yet)
+    n_canvas: list[int]
+    tokens: Tensor
+    positions: Tensor
+    past: list[list[KV]]
+    mask: Tensor
 
 
 class EngineError(ValueError):
@@ -191,13 +207,20 @@ class Engine:
         live = [(job, i) for job in jobs if not job.done for i, row in enumerate(job.rows) if not row.done]
         if not live:
             return
+        batch = self._assemble(live)
+        logits, new_kv = self._forward(batch)
+        self._constrain(batch, logits)
+        self._extend_row_caches(batch, new_kv)
+        self._commit(batch, logits)
+
+    def _assemble(self, live: list[tuple[InfillJob, int]]) -> "StepBatch":
+        """Every live row's pending block + canvas as one padded batch, its positions, past and mask."""
         rows = [job.rows[i] for job, i in live]
         n_pending = [len(r.pending) for r in rows]
         n_canvas = [len(r.region) for r in rows]
         ext_len = [_cached_length(job.row_cache[i]) for job, i in live]
         width = max(p + c for p, c in zip(n_pending, n_canvas))
         B, dev = len(rows), self.device
-
         tokens = torch.full((B, width), T.PAD_ID, dtype=torch.long)
         positions = torch.zeros((B, width), dtype=torch.long)
         for b, ((job, _), row) in enumerate(zip(live, rows)):
@@ -206,37 +229,56 @@ class Engine:
             tokens[b, : len(seq)] = torch.tensor(seq)
             positions[b, : len(seq)] = torch.arange(base, base + len(seq))
         past, past_valid = self._batched_past(live, ext_len)
-        mask = layout.step_mask(past_valid, torch.tensor(n_pending, device=dev), torch.tensor(n_canvas, device=dev), width)
-        if self.captured is not None:
-            logits, new_kv = self.captured(tokens, positions, mask, past)
-        else:
-            logits, new_kv = self.model(tokens.to(dev), positions.to(dev), mask, past, logits_from=0)
-        if self.config.logits_shift:  # Dream-family: position i-1 predicts token i
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-        logits.index_fill_(-1, self.banned_ids, float("-inf"))
-        for b, ((job, _), row) in enumerate(zip(live, rows)):  # no pad before min_tokens
-            for start, length in row.spans:
-                for j in range(max(0, min(length, job.options.min_tokens - len(row.committed)))):
-                    logits[b, n_pending[b] + start + j, self.config.pad_id] = float("-inf")
+        mask = layout.step_mask(past_valid, torch.tensor(n_pending, device=dev), torch.tensor(n_canvas, device=dev),
+                                width)
+        return StepBatch(live, rows, n_pending, n_canvas, tokens, positions, past, mask)
 
-        for b, (job, i) in enumerate(live):
-            if n_pending[b]:
-                fresh = [(k[b : b + 1, :, : n_pending[b]], v[b : b + 1, :, : n_pending[b]]) for k, v in new_kv]
+    def _forward(self, batch: "StepBatch") -> tuple[Tensor, list[KV]]:
+        """The network over the batch; logits aligned so that position i predicts token i."""
+        if self.captured is not None:
+            logits, new_kv = self.captured(batch.tokens, batch.positions, batch.mask, batch.past)
+        else:
+            logits, new_kv = self.model(batch.tokens.to(self.device), batch.positions.to(self.device), batch.mask,
+                                        batch.past, logits_from=0)
+        return token_logits(logits, self.config), new_kv
+
+    def _constrain(self, batch: "StepBatch", logits: Tensor) -> None:
+        """What a slot may become: never a layout id; not pad before a row has `min_tokens` of its middle."""
+        logits.index_fill_(-1, self.banned_ids, float("-inf"))
+        no_pad = torch.zeros(logits.shape[:2], dtype=torch.bool)
+        for b, ((job, _), row) in enumerate(zip(batch.live, batch.rows)):
+            need = job.options.min_tokens - len(row.committed)
+            if need <= 0:
+                continue
+            for start, length in row.spans:
+                first = batch.n_pending[b] + start
+                no_pad[b, first: first + min(length, need)] = True
+        logits[..., self.config.pad_id].masked_fill_(no_pad.to(logits.device), float("-inf"))
+
+    def _extend_row_caches(self, batch: "StepBatch", new_kv: list[KV]) -> None:
+        """A row's pending block (committed last step) joins its cached keys/values."""
+        for b, (job, i) in enumerate(batch.live):
+            n = batch.n_pending[b]
+            if n:
+                fresh = [(k[b: b + 1, :, :n], v[b: b + 1, :, :n]) for k, v in new_kv]
                 old = job.row_cache[i]
                 job.row_cache[i] = fresh if old is None else [
                     (torch.cat([ok, nk], dim=2), torch.cat([ov, nv], dim=2)) for (ok, ov), (nk, nv) in zip(old, fresh)]
-                rows[b].pending = []
+                batch.rows[b].pending = []
 
-        for job in {id(j): j for j, _ in live}.values():
-            members = [b for b, (j, _) in enumerate(live) if j is job]
-            slot_logits = torch.cat([logits[b, n_pending[b] : n_pending[b] + n_canvas[b]] for b in members])
+    def _commit(self, batch: "StepBatch", logits: Tensor) -> None:
+        """Per job, one selection over its rows' slots (kernels/select_commit), then each row's commit rule."""
+        for job in {id(j): j for j, _ in batch.live}.values():
+            members = [b for b, (j, _) in enumerate(batch.live) if j is job]
+            slot_logits = torch.cat([logits[b, batch.n_pending[b]: batch.n_pending[b] + batch.n_canvas[b]]
+                                     for b in members])
             token, conf, above = select_commit_module.select_commit(
                 slot_logits, job.options.threshold, job.options.temperature, job.generator)
             token, conf, above = token.tolist(), conf.float().tolist(), above.tolist()
             offset = 0
             for b in members:
-                n = n_canvas[b]
-                rows[b].commit(token[offset : offset + n], conf[offset : offset + n], above[offset : offset + n])
+                n = batch.n_canvas[b]
+                batch.rows[b].commit(token[offset: offset + n], conf[offset: offset + n], above[offset: offset + n])
                 offset += n
             job.nfe += 1
             job.steps += 1
@@ -287,14 +329,20 @@ class Engine:
     def run(self, job: InfillJob, should_cancel: Callable[[], bool] | None = None,
             on_step: Callable[[InfillJob], None] | None = None) -> TokenResult:
         """Step one job until it finishes or `should_cancel()` says so."""
-        while not job.done:
-            if should_cancel is not None and should_cancel():
-                job.cancel()
-                break
-            self.step([job])
-            if on_step is not None:
-                on_step(job)
-        return job.result()
+        return run_to_end(job, lambda: self.step([job]), should_cancel, on_step)
+
+
+def run_to_end(job: Any, step: Callable[[], None], should_cancel: Callable[[], bool] | None = None,
+               on_step: Callable[[Any], None] | None = None) -> Any:
+    """The one run loop: `step()` until `job` is done or `should_cancel()` says so; then its result."""
+    while not job.done:
+        if should_cancel is not None and should_cancel():
+            job.cancel()
+            break
+        step()
+        if on_step is not None:
+            on_step(job)
+    return job.result()
 
 
 def _cached_length(cache: list[KV] | None) -> int:

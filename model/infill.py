@@ -22,7 +22,7 @@ from . import layout, prompt
 from . import tokenizer as tokenization
 from . import tokens as T
 from .config import SamplerConfig
-from .engine import Engine, EngineError, InfillJob, TokenResult
+from .engine import Engine, EngineError, InfillJob, TokenResult, run_to_end
 from .load import DEFAULT_MODEL_DIR, CheckpointError, load_model, load_sampler_config
 from .prompt import MODES
 
@@ -86,7 +86,7 @@ class NaturalOrderJob:
         t0 = time.perf_counter()
         self.tokens, self.nfe = refine_natural_order(
             self.model, self.prefix, self.suffix, o.max_tokens, o.block_size, o.threshold, o.max_steps,
-            cfg.mask_id, cfg.logits_shift, temperature=o.temperature)
+            cfg.mask_id, cfg.logits_shift, temperature=o.temperature, pad_id=cfg.pad_id)
         self.ms = (time.perf_counter() - t0) * 1000.0
         self.finished = True
 
@@ -233,14 +233,7 @@ class Infiller:
                  on_step: Callable[[InfillTextJob], None] | None = None,
                  should_cancel: Callable[[], bool] | None = None, preamble: str = "", **overrides) -> InfillResult:
         job = self.start(segments, mode=mode, cache_key=cache_key, preamble=preamble, **overrides)
-        while not job.done:
-            if should_cancel is not None and should_cancel():
-                job.cancel()
-                break
-            self.step([job])
-            if on_step is not None:
-                on_step(job)
-        return job.result()
+        return run_to_end(job, lambda: self.step([job]), should_cancel, on_step)
 
     def score_middle(self, segments: list[str], middle: str, preamble: str = "") -> dict:
         """The log-likelihood of `middle` in the one hole, as the `ar` strategy factors it: each token a

@@ -162,3 +162,13 @@ class DiffusionLM(nn.Module):
         if logits_from >= tokens.shape[1]:
             return None, new_kv
         return self.lm_head(h[:, logits_from:]), new_kv  # (B, T', V)
+
+
+
+def token_logits(logits: Tensor, config: ModelConfig) -> Tensor:
+    """Logits (B, T, V) from position 0 on, aligned so that position i scores token i. Our layout
+    already is; Dream-family checkpoints (`config.logits_shift`) predict token i at position i - 1,
+    and their first position predicts itself."""
+    if not config.logits_shift:
+        return logits
+    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)

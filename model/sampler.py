@@ -27,7 +27,7 @@ from .config import SamplerConfig
 
 
 def choose_commits(masked: list[bool], above: list[bool], confidence: list[float], commit_all: bool,
-                   tokens: list[int] | None = None) -> list[int]:
+                   tokens: list[int] | None = None, pad_id: int = T.PAD_ID) -> list[int]:
     """Indices of the slots to commit this step: the shared rule of every strategy.
 
     A chosen pad also takes the masked slots just before it whose best guess is pad too: they are
@@ -43,7 +43,7 @@ def choose_commits(masked: list[bool], above: list[bool], confidence: list[float
         extra = set()
         for i in chosen:
             j = i - 1
-            while tokens[i] == T.PAD_ID and j >= 0 and masked[j] and tokens[j] == T.PAD_ID:
+            while tokens[i] == pad_id and j >= 0 and masked[j] and tokens[j] == pad_id:
                 extra.add(j)
                 j -= 1
         chosen = sorted(set(chosen) | extra)
