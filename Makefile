@@ -36,8 +36,8 @@ fuzz: $(STAMP)
 # Every benchmark (quality, ratio, step, latency) on the CPU, or the GPU when present; then the
 # README's results table is regenerated from the JSON they write (never typed by hand).
 bench: $(STAMP)
-	$(PY) -m dlm_ls.model.bench.cli all
-	$(PY) -m dlm_ls.model.bench.report --write
+	$(PY) -m dlm_ls.bench.cli all
+	$(PY) -m dlm_ls.bench.report --write
 
 # The training step in each variant (fp32, fused head, compiled, bf16 weights), threads 1 and 2:
 # bench/results/train-cpu.json. Needs the corpus (`dlm-ls corpus --out data/corpus`).
@@ -63,7 +63,7 @@ train: $(STAMP)
 	echo "training in the background: tail -f $(RUN)/log.jsonl"
 
 bench-startup: $(STAMP)
-	$(PY) -m dlm_ls.lsp_server.bench_startup
+	$(PY) -m dlm_ls.bench.startup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .bench

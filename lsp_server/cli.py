@@ -32,7 +32,7 @@ DELEGATED = {
     "train": ("dlm_ls.model.train.loop", "train or fine-tune a model"),
     "eval": ("dlm_ls.model.train.evaluate", "measure infill quality on held-out tasks"),
     "ship": ("dlm_ls.model.train.ship", "write a trained checkpoint as the shipped default model, with its data card"),
-    "bench": ("dlm_ls.model.bench.cli", "speed and quality benchmarks"),
+    "bench": ("dlm_ls.bench.cli", "speed and quality benchmarks"),
 }
 OWN = {
     "serve": "run the language server over stdio (what an editor starts)",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dlm_ls.model.bench import cli, common, execution, latency, quality, ratio, report, step
+from dlm_ls.bench import cli, common, execution, latency, quality, ratio, report, step
 from dlm_ls.model.train.evaluate import Config
 
 
@@ -278,7 +278,7 @@ def test_latency_through_the_real_server(tiny_model_dir, tmp_path, monkeypatch):
 
 
 def test_step_floor_arithmetic():
-    from dlm_ls.model.bench.ceilings import step_floor
+    from dlm_ls.bench.ceilings import step_floor
     from dlm_ls.model.config import ModelConfig
 
     cfg = ModelConfig.preset("tiny")
@@ -294,7 +294,7 @@ def test_step_floor_arithmetic():
 
 
 def test_large_bench_runs_fixed_steps_and_reports_floors():
-    from dlm_ls.model.bench import ceilings
+    from dlm_ls.bench import ceilings
     from dlm_ls.model.config import ModelConfig
 
     cfg = ModelConfig.preset("tiny")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dlm_ls.model.bench import campaign
+from dlm_ls.bench import campaign
 
 
 def _eval(line: float, block: float) -> dict:

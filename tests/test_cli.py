@@ -81,7 +81,7 @@ def test_serve_path_does_not_import_torch():
 
 
 def test_serve_answers_initialize_with_and_without_its_code_cache(tmp_path, monkeypatch):
-    from dlm_ls.lsp_server.bench_startup import one_run
+    from dlm_ls.bench.startup import one_run
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     command = [sys.executable, "-m", "dlm_ls.lsp_server.cli", "serve", "--model", str(tmp_path / "no-model")]
@@ -97,7 +97,7 @@ def test_serve_answers_initialize_with_and_without_its_code_cache(tmp_path, monk
 def test_a_planted_code_cache_is_never_run_unless_ours_and_private(tmp_path, monkeypatch, unsafe):
     import marshal
 
-    from dlm_ls.lsp_server.bench_startup import one_run
+    from dlm_ls.bench.startup import one_run
 
     if unsafe == "other-owner" and os.getuid() != 0:
         pytest.skip("chown to another user needs root")

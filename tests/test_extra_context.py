@@ -133,7 +133,7 @@ def test_query_window_is_lines_around_the_cursor():
 def test_extra_context_benchmark_runs_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     import json
 
-    from dlm_ls.lsp_server import bench_extra_context as B
+    from dlm_ls.bench import extra_context as B
 
     assert B.main(["--model", str(tiny_model_dir), "--tasks", "3", "--heldout", "2", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "extra_context-cpu.json").read_text())
@@ -162,7 +162,7 @@ def test_extra_context_tasks_are_the_same_in_every_process():
     import subprocess
     import sys
 
-    code = ("from dlm_ls.lsp_server.bench_extra_context import build_tasks;"
+    code = ("from dlm_ls.bench.extra_context import build_tasks;"
             "print([(t.expected, t.target_def) for t in build_tasks(6)])")
     runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={"PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}

@@ -147,9 +147,9 @@ def test_auto_picks_the_measured_fastest_variant_for_the_device():
 
 
 def test_bench_train_writes_one_row_per_variant_and_thread_count(tokenizer, corpus_dir, tmp_path):  # noqa: F811
-    from dlm_ls.model.bench import report
-    from dlm_ls.model.bench import train as bench_train
-    from dlm_ls.model.bench.common import BenchError
+    from dlm_ls.bench import report
+    from dlm_ls.bench import train as bench_train
+    from dlm_ls.bench.common import BenchError
 
     args = ["--preset", "tiny", "--corpus", str(corpus_dir), "--tokenizer", str(corpus_dir / "tokenizer.json"),
             "--seq-len", "160", "--batch-sizes", "2", "--threads", "1", "--warmup", "1", "--steps", "1",

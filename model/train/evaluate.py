@@ -61,7 +61,7 @@ MAX_SPAN_CHARS = 120
 PREFIX_CHARS = 2400  # about 700 tokens: enough context for a small model, small enough to commit
 SUFFIX_CHARS = 800
 DEFAULT_SEED = 20261123
-DEFAULT_TASKS = Path(__file__).resolve().parent.parent / "bench" / "tasks" / "heldout.jsonl"
+DEFAULT_TASKS = Path(__file__).resolve().parents[2] / "bench" / "tasks" / "heldout.jsonl"
 STRATEGIES = ("parallel", "ar")
 
 
@@ -632,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     print("  its tokens by the context's next-token head: "
           + ", ".join(f"{k} {v['context_head_nll_per_token']:.3f}" for k, v in nll.items()))
     if args.out:
-        from ..bench.common import header
+        from ...bench.common import header
 
         out = {**header("eval", argv, infiller.info()["device"], "dlm-ls eval"), "model": str(infiller.model_dir), "tasks": str(args.corpus or args.tasks or DEFAULT_TASKS),
                "sampler": infiller.defaults.to_dict(),

@@ -32,7 +32,7 @@ DEFAULT_VARIANTS = ("fp32-eager", "fp32-eager-fused", "fp32-compiled", "fp32-com
 
 
 def variant_of(label: str):
-    from ..train.step import StepVariant
+    from ..model.train.step import StepVariant
 
     parts = label.split("-")
     if len(parts) not in (2, 3) or parts[0] not in ("fp32", "bf16") or parts[1] not in ("eager", "compiled") \
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _batches(args, tokenizer, batch_size: int, n: int):
-    from ..train.examples import Batches, Corpus, ExampleConfig
+    from ..model.train.examples import Batches, Corpus, ExampleConfig
 
     ecfg = ExampleConfig(seq_len=args.seq_len, batch_size=batch_size, ctx_fraction=args.ctx_fraction)
     source = Batches(Corpus(Path(args.corpus) / "train.jsonl"), tokenizer, ecfg, seed=0)
@@ -86,8 +86,8 @@ def _batches(args, tokenizer, batch_size: int, n: int):
 def time_variant(label: str, base_model, batches, threads: int, warmup: int, device) -> dict:
     import torch
 
-    from ..train.loop import TrainConfig
-    from ..train.step import TrainStep
+    from ..model.train.loop import TrainConfig
+    from ..model.train.step import TrainStep
 
     torch.set_num_threads(threads)
     variant = variant_of(label)
@@ -116,9 +116,9 @@ def time_variant(label: str, base_model, batches, threads: int, warmup: int, dev
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from ..config import ModelConfig
-    from ..network import DiffusionLM
-    from ..train.step import cpu_has_bf16_matrix_units
+    from ..model.config import ModelConfig
+    from ..model.network import DiffusionLM
+    from ..model.train.step import cpu_has_bf16_matrix_units
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)

@@ -20,10 +20,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout, in an editable install
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout, in an editable install
 # Results belong to the checkout; from an installed wheel they go under the current directory.
 RESULTS_DIR = (REPO_ROOT if (REPO_ROOT / "pyproject.toml").exists() else Path.cwd()) / "bench" / "results"
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "default"  # the shipped model (model/default)
+DEFAULT_MODEL_DIR = REPO_ROOT / "model" / "default"  # the shipped model (model/default)
 
 
 class BenchError(Exception):

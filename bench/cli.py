@@ -131,7 +131,7 @@ class Session:
     @property
     def infiller(self):
         if self._infiller is None:
-            from ..infill import Infiller
+            from ..model.infill import Infiller
 
             # the model's own context budget: quality is measured as the server would run it
             self._infiller = Infiller(self.model_dir, device=self.device, dtype=self.args.dtype,
@@ -150,7 +150,7 @@ class Session:
         if self.model_info is not None:
             h["model"].update(self.model_info)
         else:  # the model was not loaded here (latency: it lives in the worker); its size from config.json
-            from ..config import ModelConfig
+            from ..model.config import ModelConfig
 
             cfg = ModelConfig.from_dict(json.loads((self.model_dir / "config.json").read_text()))
             h["model"]["parameters"] = cfg.num_parameters()
@@ -176,7 +176,7 @@ def _progress(label: str):
 
 
 def run_quality_and_ratio(s: Session, want: set[str]) -> None:
-    from ..train.evaluate import DEFAULT_TASKS, Config
+    from ..model.train.evaluate import DEFAULT_TASKS, Config
     from . import quality, ratio
     from .execution import network_isolation
 
@@ -277,7 +277,7 @@ def run_ceilings(s: Session) -> dict[str, Any]:
 def run_large(s: Session, c: dict[str, Any] | None) -> None:
     import torch
 
-    from ..config import ModelConfig
+    from ..model.config import ModelConfig
     from . import ceilings
 
     dev = torch.device(s.device)

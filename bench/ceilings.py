@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import ModelConfig, SamplerConfig
+from ..model.config import ModelConfig, SamplerConfig
 from .common import sync
 
 # The Qwen2-7B shapes (Dream-v0-7B, Dream-Coder-v0-7B, DiffuCoder-7B): about 7.6B parameters.
@@ -124,7 +124,7 @@ def model_step_vs_floor(infiller, ceilings: dict[str, Any], context: int = 2048,
 
 def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
     """The network with torch's default initialisation, built in place on `device` and `dtype`."""
-    from ..network import DiffusionLM
+    from ..model.network import DiffusionLM
 
     before = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -150,8 +150,8 @@ def measure_natural_order(cfg: ModelConfig, device: torch.device, dtype: torch.d
     Dream layout's q/k/v biases. The prefix takes 3/4 of the context, the suffix the rest."""
     import dataclasses
 
-    from .. import tokens as T
-    from ..dual_cache import refine_natural_order
+    from ..model import tokens as T
+    from ..model.dual_cache import refine_natural_order
 
     ncfg = dataclasses.replace(cfg, layout="dream", logits_shift=True, mask_id=cfg.vocab_size - 1)
     model = random_model(ncfg, device, dtype)
@@ -182,9 +182,9 @@ def measure_natural_order(cfg: ModelConfig, device: torch.device, dtype: torch.d
 
 def measure_large(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, ceilings: dict[str, Any],
                   context: int = 2048, reps: int = 5, cases=LARGE_CASES, natural_order: bool = True) -> dict[str, Any]:
-    from .. import layout
-    from .. import tokens as T
-    from ..engine import Engine
+    from ..model import layout
+    from ..model import tokens as T
+    from ..model.engine import Engine
 
     model = random_model(cfg, device, dtype)
     engine = Engine(model, max_context_tokens=context + 8)

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..train.evaluate import KINDS, Config, Record, Task, group_summaries, read_tasks, run_tasks, select
-from ..train.evaluate import DEFAULT_TASKS
+from ..model.train.evaluate import KINDS, Config, Record, Task, group_summaries, read_tasks, run_tasks, select
+from ..model.train.evaluate import DEFAULT_TASKS
 from . import execution
 from .common import table
 
@@ -50,7 +50,7 @@ def measure(infiller, tasks: Sequence[Task], configs: Sequence[Config], progress
 def summarize_quality(records: Sequence[Record]) -> dict:
     """Per config and kind, plus the held-out and execution groups ("heldout", "exec")."""
     out = group_summaries(records)
-    from ..train.evaluate import summarize
+    from ..model.train.evaluate import summarize
 
     for config in out:
         mine = [r for r in records if r.config == config]

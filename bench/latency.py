@@ -431,7 +431,7 @@ async def run_latency(model_dir: Path, contexts: tuple[int, ...] = CONTEXTS, lin
     to the whole scene instead, to measure how a step scales with the context."""
     from tokenizers import Tokenizer
 
-    from ...lsp_server import bench_startup
+    from . import startup as bench_startup
 
     source = json.loads(LATENCY_FILE.read_text())
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))

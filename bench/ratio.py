@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from ..train.evaluate import Config
+from ..model.train.evaluate import Config
 
 GROUP = "all"  # the task group the headline figures use (every held-out and execution task)
 

@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..train.evaluate import Task
+from ..model.train.evaluate import Task
 
 TASK_FILE = Path(__file__).resolve().parent / "tasks" / "exec_tasks.py"
 TIMEOUT_S = 5.0  # every test runs in milliseconds; a punched-out loop update can spin forever
@@ -134,7 +134,7 @@ def _load(path: str) -> list[dict]:
 
 def exec_tasks(path: str | Path = TASK_FILE) -> list[Task]:
     """Three tasks (exec-line, exec-block, exec-span) per function in the task file, in file order."""
-    from ..train.evaluate import MAX_TOKENS_OF_KIND, MODE_OF_KIND
+    from ..model.train.evaluate import MAX_TOKENS_OF_KIND, MODE_OF_KIND
 
     out = []
     for spec in _load(str(path)):

@@ -21,9 +21,9 @@ from typing import Callable
 
 import torch
 
-from . import canvas_attention as ca
-from . import rmsnorm_rope as rr
-from . import select_commit as sc
+from ..kernels import canvas_attention as ca
+from ..kernels import rmsnorm_rope as rr
+from ..kernels import select_commit as sc
 
 
 def _time_cpu(fn: Callable[[], object], reps: int) -> float:

@@ -17,13 +17,13 @@ import statistics
 import time
 from typing import Sequence
 
-from ..config import SamplerConfig
+from ..model.config import SamplerConfig
 from . import latency
 from .common import sync, table
 
 
 def _context(infiller, length: int) -> list[int]:
-    from .. import layout
+    from ..model import layout
 
     text = json.loads(latency.LATENCY_FILE.read_text())["text"]
     ids = infiller.encode(text)

@@ -43,10 +43,10 @@ import sys
 import time
 from dataclasses import dataclass
 
-from . import documents as D
-from .config import Settings
+from ..lsp_server import documents as D
+from ..lsp_server.config import Settings
 from ..model.prompt import EXTRA_CONTEXT_SHARE, prompt_chars
-from .completion import choose_completion, extra_context_preamble, plan_completion
+from ..lsp_server.completion import choose_completion, extra_context_preamble, plan_completion
 
 VERBS = ["parse", "merge", "compute", "normalize", "filter", "build", "format", "load", "split", "count",
          "resolve", "clamp", "scale", "group", "rank", "encode"]
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="results folder (default bench/results)")
     args = p.parse_args(argv)
 
-    from dlm_ls.model.bench.common import BenchError, header, model_label, resolve_model, set_threads, table, \
+    from dlm_ls.bench.common import BenchError, header, model_label, resolve_model, set_threads, table, \
         write_result
     from dlm_ls.model.infill import Infiller
 
