@@ -1,6 +1,6 @@
 """Time each kernel against its PyTorch reference, at the shapes a refinement step has.
 
-    python -m dlm_ls.kernels.bench_kernels [--json results.json] [--quick]
+    python -m dlm_ls.bench.kernels [--json results.json] [--quick]
 
 Shapes follow a 7B Dream-family model (28 query heads, 4 kv heads, head dim 128, vocabulary
 151936) and our default model (vocabulary 16384). On a GPU it times both implementations with
@@ -22,7 +22,6 @@ from typing import Callable
 import torch
 
 from ..kernels import canvas_attention as ca
-from ..kernels import rmsnorm_rope as rr
 from ..kernels import select_commit as sc
 
 
@@ -73,16 +72,6 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> list[tuple[str, str, 
                         lambda q=q, s=segments, m=m: ca.canvas_attention_reference(q, s, m),
                         lambda q=q, s=segments, m=m: ca.canvas_attention_triton(q, s, m)))
 
-    dim = 3584
-    for rows in (256, 2048):
-        x, w = randn(rows, dim), randn(dim, dt=torch.float32)
-        out.append(("rmsnorm", f"rows={rows} dim={dim}", lambda x=x, w=w: rr.rmsnorm_rope_reference(x, w, 1e-6),
-                    lambda x=x, w=w: rr.rmsnorm_rope_triton(x, w, 1e-6)))
-    B, T = 4, 256
-    qh = randn(B, H, T, D)
-    cos, sin = randn(B, 1, T, D // 2, dt=torch.float32), randn(B, 1, T, D // 2, dt=torch.float32)
-    out.append(("rope", f"B={B} H={H} T={T} D={D}", lambda: rr.rmsnorm_rope_reference(qh, None, cos=cos, sin=sin),
-                lambda: rr.rmsnorm_rope_triton(qh, None, cos=cos, sin=sin)))
     return out
 
 

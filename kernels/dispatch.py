@@ -4,7 +4,7 @@ Decided once, at import: Triton when torch sees a CUDA GPU and `triton` imports,
 otherwise. `DLM_LS_KERNELS=reference|triton` in the environment, or `use(backend)` at run time,
 overrides the choice (tests, benchmarks, bisecting a numerical difference).
 
-Each op module (`select_commit.py`, `canvas_attention.py`, `rmsnorm_rope.py`) exposes a thin
+Each op module (`select_commit.py`, `canvas_attention.py`) exposes a thin
 dispatcher under the op's own name; it asks `triton_path(tensor)` on every call, because three
 things can only be known per call: whether the tensors live on the GPU (a model loaded with
 `--device cpu` on a GPU machine runs the reference), whether autograd needs a backward (the

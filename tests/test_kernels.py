@@ -24,7 +24,6 @@ if HAS_TRITON and not HAS_CUDA:
 
 from dlm_ls.kernels import canvas_attention as ca  # noqa: E402
 from dlm_ls.kernels import dispatch  # noqa: E402
-from dlm_ls.kernels import rmsnorm_rope as rr  # noqa: E402
 from dlm_ls.kernels import select_commit as sc  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -252,45 +251,6 @@ def test_network_forward_same_with_either_backend():
 
 
 # ---------------------------------------------------------------------------------------------
-# rmsnorm_rope
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_rmsnorm_matches_reference_and_the_network(dtype):
-    from dlm_ls.model.network import RMSNorm
-
-    gen = torch.Generator().manual_seed(2)
-    x = (torch.randn(3, 37, 1000, generator=gen) * 3).to(dtype).to(DEVICE)  # a width that is not a power of 2
-    norm = RMSNorm(1000, 1e-5).to(DEVICE)
-    with torch.no_grad():
-        norm.weight.copy_(torch.rand(1000, generator=gen) + 0.5)
-        ref = rr.rmsnorm_rope_reference(x, norm.weight, 1e-5)
-        assert torch.equal(ref, norm(x))  # the reference is the network's RMSNorm, bit for bit
-        _close(rr.rmsnorm_rope_triton(x, norm.weight, 1e-5), ref, dtype)
-        _close(rr.rmsnorm_rope_triton(x[:, ::2], norm.weight, 1e-5), norm(x[:, ::2]), dtype)  # strided rows
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_rope_and_fused_norm_rope_match_reference(dtype):
-    from dlm_ls.model.config import ModelConfig
-    from dlm_ls.model.network import apply_rope, rope_tables
-
-    gen = torch.Generator().manual_seed(4)
-    B, H, T, D = 2, 3, 37, 48  # half of 24: not a power of two
-    cos_t, sin_t = rope_tables(ModelConfig(dim=D * H, n_heads=H, max_position=512))
-    positions = torch.randint(0, 512, (B, T), generator=gen)
-    cos, sin = cos_t[positions].unsqueeze(1).to(DEVICE), sin_t[positions].unsqueeze(1).to(DEVICE)
-    x = torch.randn(B, T, H, D, generator=gen).to(dtype).to(DEVICE).transpose(1, 2)  # (B, H, T, D) as a view
-    ref = rr.rmsnorm_rope_reference(x, None, cos=cos, sin=sin)
-    assert torch.equal(ref, apply_rope(x, cos, sin))  # the reference is the network's RoPE, bit for bit
-    _close(rr.rmsnorm_rope_triton(x, None, cos=cos, sin=sin), ref, dtype)
-    w = (torch.rand(D, generator=gen) + 0.5).to(DEVICE)
-    _close(rr.rmsnorm_rope_triton(x, w, 1e-6, cos, sin), rr.rmsnorm_rope_reference(x, w, 1e-6, cos, sin), dtype)
-
-
-# ---------------------------------------------------------------------------------------------
 # The compiled path, checked without a GPU: every kernel variant goes through Triton's whole
 # CUDA pipeline (TTIR, TTGIR, LLVM, PTX, ptxas) for an H100, which the interpreter never does.
 
@@ -298,7 +258,7 @@ _COMPILE_SCRIPT = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from dlm_ls.kernels import canvas_attention as ca, rmsnorm_rope as rr, select_commit as sc
+from dlm_ls.kernels import canvas_attention as ca, select_commit as sc
 
 FLOATS = {"threshold", "qk_scale", "eps"}
 
@@ -320,9 +280,6 @@ compile(ca._canvas_attention_partial, {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_pt
         {"G": 7, "D": 128, "HAS_MASK": True, "PRECISION": "tf32", "BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 128})
 compile(ca._canvas_attention_merge, {"o_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "y_ptr": "*bf16"},
         {"G": 7, "D": 128, "BLOCK_M": 64, "BLOCK_D": 128})
-for norm, rope in ((True, False), (True, True)):
-    compile(rr._rmsnorm_rope_kernel, {"x_ptr": "*bf16", "w_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
-            "y_ptr": "*bf16"}, {"D": 128, "HAS_NORM": norm, "HAS_ROPE": rope, "BLOCK_R": 32, "BLOCK_D": 64 if rope else 128})
 print("compiled")
 """
 
