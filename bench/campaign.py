@@ -1,7 +1,7 @@
 """The model campaign's record: held-out likelihood of every evaluated checkpoint against the tokens it saw.
 
-    python -m dlm_ls.model.bench.campaign add --eval EVAL.json --tokens 14.3e6 --recipe B --label "stage 3, step 340"
-    python -m dlm_ls.model.bench.campaign plot      # bench/results/campaign.png and the extrapolation
+    python -m dlm_ls.bench.campaign add --eval EVAL.json --tokens 14.3e6 --recipe B --label "stage 3, step 340"
+    python -m dlm_ls.bench.campaign plot      # bench/results/campaign.png and the extrapolation
 
 bench/results/campaign.json keeps one point per evaluated checkpoint, across sessions and machines:
 the tokens its weights have seen in all stages, the recipe it was trained with, and the true middles'
@@ -99,7 +99,7 @@ def plot(record: dict, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dlm_ls.model.bench.campaign", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m dlm_ls.bench.campaign", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("add", help="record one evaluated checkpoint")
     a.add_argument("--eval", required=True, help="JSON written by dlm-ls eval --out")

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exec-limit", type=int, default=None, help="execution functions (3 holes each)")
     g.add_argument("--thresholds", type=_floats, default=None, help="commit thresholds to sweep, e.g. 0.5,0.7,0.9")
     g.add_argument("--max-steps-sweep", type=_ints, default=None, help="max steps to sweep, e.g. 2,4,8")
-    g.add_argument("--tasks", default=None, help="held-out task file (default: model/bench/tasks/heldout.jsonl)")
+    g.add_argument("--tasks", default=None, help="held-out task file (default: bench/tasks/heldout.jsonl)")
     g.add_argument("--max-tokens", type=int, default=None,
                    help="cap every middle at this many tokens (smoke runs; default: per task kind)")
     g = p.add_argument_group("step")

@@ -3,7 +3,7 @@
 Every result is one JSON file under `bench/results/` (committed), named `<benchmark>-<device>.json`
 so a CPU and a GPU result sit side by side. Each holds, besides its figures, the machine, the
 date, the command that made it and the git commit it ran on, so a number in the README can
-always be traced to a run (`model/bench/report.py` builds the README table from these files).
+always be traced to a run (`bench/report.py` builds the README table from these files).
 
 Knows files, git and the machine; knows nothing of what a benchmark measures.
 """

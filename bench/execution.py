@@ -143,7 +143,7 @@ def exec_tasks(path: str | Path = TASK_FILE) -> list[Task]:
             s, e = _hole(src, kind, spec["holes"][kind])
             k = f"exec-{kind}"
             out.append(Task(f"{k}-{spec['name']}", k, src[:s], src[s:e], src[e:], MODE_OF_KIND[k],
-                            MAX_TOKENS_OF_KIND[kind], "dlm-ls", "model/bench/tasks/exec_tasks.py", "Apache-2.0",
+                            MAX_TOKENS_OF_KIND[kind], "dlm-ls", "bench/tasks/exec_tasks.py", "Apache-2.0",
                             {"test": spec["test"], "name": spec["name"]}))
     return out
 

@@ -21,10 +21,10 @@ matches hide. `chunk found` is how often the preamble contains the target's defi
 the `ar` factorization, PAD end included), per token: it moves long before exact match does, and
 `nll_lower_with_chunks` is the paired share of tasks where the chunks made the expected text likelier.
 
-    python -m dlm_ls.lsp_server.bench_extra_context --model runs/cpu-small/latest [--tasks 48] [--heldout 40]
+    python -m dlm_ls.bench.extra_context --model runs/cpu-small/latest [--tasks 48] [--heldout 40]
 
 `--heldout N` adds real tasks: the first N single-line tasks of the held-out benchmark
-(model/bench/tasks/heldout.jsonl, packages never trained on), with the other modules of the
+(bench/tasks/heldout.jsonl, packages never trained on), with the other modules of the
 task's package, as installed here, as the open documents (the task file's own folder and the
 package's top folder, at most MAX_OPEN_DOCUMENTS). Same two runs, same measures.
 
@@ -131,7 +131,7 @@ def package_documents(package: str, path: str) -> tuple[str, dict[str, str]]:
 
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"bench_extra_context: package {package!r} is not installed here")
+        raise SystemExit(f"bench.extra_context: package {package!r} is not installed here")
     pkg_dir = Path(list(spec.submodule_search_locations)[0])
     site = pkg_dir.parent
     own = site / path
@@ -214,7 +214,7 @@ def nll_lower_share(runs: dict[str, list[dict]]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dlm_ls.lsp_server.bench_extra_context", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m dlm_ls.bench.extra_context", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="checkpoint folder (default: the shipped model/default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--tasks", type=int, default=48)
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = {label: [run_task(inf, t, settings, label == "with") for t in tasks] for label in ("without", "with")}
     real = {label: [run_task(inf, t, settings, label == "with") for t in heldout] for label in ("without", "with")}
 
-    result = header("extra_context", argv, str(inf.engine.device), "python -m dlm_ls.lsp_server.bench_extra_context")
+    result = header("extra_context", argv, str(inf.engine.device), "python -m dlm_ls.bench.extra_context")
     result.update(model={"path": model_label(model_dir)}, tasks=len(tasks), seed=args.seed,
                   extra_context_chars=settings.extra_context_chars,
                   extra_context_min_score=settings.extra_context_min_score,

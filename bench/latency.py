@@ -19,7 +19,7 @@ Reported per context length: request -> response p50/p95/p99 of answered request
 them, and of those at pauses, which is what a user waits for), counts of requests, cancels and
 suggestions; from `dlm/status` at the end: the worker's context-cache hit rate, model time per
 forward pass, the server's own counters; the RSS of the server and of the worker; and the
-server's start time (lsp_server/bench_startup.py).
+server's start time (bench/startup.py).
 
 Knows LSP and processes; never imports torch (the tokenizer comes from `tokenizers`).
 """

@@ -1,8 +1,8 @@
 """`dlm-ls bench quality`: exact match, parse rate and pass@1 of infills, `parallel` against `ar`.
 
-Tasks: the cached held-out tasks (model/bench/tasks/heldout.jsonl: a line, a block, a random
+Tasks: the cached held-out tasks (bench/tasks/heldout.jsonl: a line, a block, a random
 span, cut from the test packages; see model/train/evaluate.py) and the execution tasks
-(model/bench/tasks/exec_tasks.py: hand-written functions with tests, a line, a block and a span
+(bench/tasks/exec_tasks.py: hand-written functions with tests, a line, a block and a span
 punched out of each; pass@1 = the test passes with the model's middle in place, run in a
 sandboxed subprocess, one sample per task, greedy). Both strategies run on the same tasks from
 the same warm context cache; figures per kind and overall, with mean NFE and tokens per forward

@@ -3,7 +3,7 @@
 This is what an editor waits for before anything works. The server must not import torch on
 this path; the benchmark checks that too, through `dlm/status` on the last run.
 
-    python -m dlm_ls.lsp_server.bench_startup [--runs 10] [--out .bench/startup.json]
+    python -m dlm_ls.bench.startup [--runs 10] [--out .bench/startup.json]
 
 Prints a table and writes a machine-readable result. CPU time of the server process is
 reported beside the wall time, since wall time on a busy machine measures the machine.
@@ -77,7 +77,7 @@ def one_run(command: list[str], with_status: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench_startup", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m dlm_ls.bench.startup", description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--out", default=".bench/startup.json")
     args = p.parse_args(argv)

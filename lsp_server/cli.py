@@ -22,6 +22,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from ..worker.config import WorkerConfig
 from .errors import DlmError
 
 # Subcommands owned by other modules: argv after the name goes to `module.main(argv)`.
@@ -30,7 +31,7 @@ DELEGATED = {
     "corpus": ("dlm_ls.model.train.corpus", "build the training corpus from source trees"),
     "tokenizer": ("dlm_ls.model.train.tokenizer", "train the BPE tokenizer"),
     "train": ("dlm_ls.model.train.loop", "train or fine-tune a model"),
-    "eval": ("dlm_ls.model.train.evaluate", "measure infill quality on held-out tasks"),
+    "eval": ("dlm_ls.bench.eval", "measure infill quality on held-out tasks"),
     "ship": ("dlm_ls.model.train.ship", "write a trained checkpoint as the shipped default model, with its data card"),
     "bench": ("dlm_ls.bench.cli", "speed and quality benchmarks"),
 }
@@ -108,9 +109,7 @@ def _delegate(module_name: str, cmd: str, rest: list[str]) -> int:
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="DIR", help="checkpoint folder (default: the shipped model in model/default)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on a GPU, fp32 on a CPU")
+    WorkerConfig.add_arguments(p, ("model", "device", "dtype"), unset=True)  # the worker's own flags
     p.add_argument("--in-process", action="store_true",
                    help="run the model inside this process instead of the shared worker (imports torch)")
 
@@ -126,17 +125,16 @@ def cmd_serve(rest: list[str], debug: bool) -> int:
     _model_options(p)
     p.add_argument("--stdio", action="store_true",
                    help="accepted for editors that pass it; stdio is the only transport")
-    p.add_argument("--idle-timeout", type=float, metavar="S", help="a worker idle this long exits (default 600)")
+    WorkerConfig.add_arguments(p, ("idle_timeout_s",), unset=True)
     p.add_argument("--debounce-ms", type=int, metavar="MS", help="wait this long for the next keystroke (default 15)")
     p.add_argument("--max-context-chars", type=int, metavar="N", help="context each side of the cursor (default 16000)")
     p.add_argument("--stream-refinement", action="store_true", help="send dlm/refinement notifications per step")
-    p.add_argument("--captured-step", action="store_true",
-                   help="replay the refinement step as a CUDA graph at bucketed shapes (GPU)")
+    WorkerConfig.add_arguments(p, ("captured_step",), unset=True)
     p.add_argument("--log-file", metavar="PATH", help="also write the log here (it always goes to stderr)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     args = p.parse_args(rest)
     flags = {"model": args.model, "device": args.device, "dtype": args.dtype, "in_process": args.in_process or None,
-             "idle_timeout_s": args.idle_timeout, "debounce_ms": args.debounce_ms,
+             "idle_timeout_s": args.idle_timeout_s, "debounce_ms": args.debounce_ms,
              "max_context_chars": args.max_context_chars, "stream_refinement": args.stream_refinement or None,
              "captured_step": args.captured_step or None,
              "log_file": args.log_file, "log_level": args.log_level or ("debug" if debug else None)}

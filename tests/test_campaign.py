@@ -1,4 +1,4 @@
-"""The campaign record (model/bench/campaign.py): points from eval results, the fit, the plot."""
+"""The campaign record (bench/campaign.py): points from eval results, the fit, the plot."""
 
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from dlm_ls.bench import eval as eval_cli
 from dlm_ls.model.train import evaluate as E
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,7 +172,7 @@ def test_eval_command_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     task_file = tmp_path / "tasks.jsonl"
     E.write_tasks(E.cut_tasks(files(), 2, seed=3), task_file)
     out = tmp_path / "eval.json"
-    code = E.main(["--model", str(tiny_model_dir), "--tasks", str(task_file), "--limit", "1", "--device", "cpu",
+    code = eval_cli.main(["--model", str(tiny_model_dir), "--tasks", str(task_file), "--limit", "1", "--device", "cpu",
                    "--threads", "1", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
@@ -207,6 +208,6 @@ def test_eval_writes_tasks_from_a_corpus_folder(tmp_path):
     corpus.mkdir()
     (corpus / "test.jsonl").write_text("".join(json.dumps(f) + "\n" for f in files()))
     out = tmp_path / "cut.jsonl"
-    assert E.main(["--corpus", str(corpus), "--per-kind", "3", "--write-tasks", str(out)]) == 0
+    assert eval_cli.main(["--corpus", str(corpus), "--per-kind", "3", "--write-tasks", str(out)]) == 0
     tasks = E.read_tasks(out)
     assert len(tasks) == 9 and all(t.license for t in tasks)

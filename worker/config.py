@@ -55,16 +55,29 @@ class WorkerConfig:
         return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
     @classmethod
-    def parser(cls, prog: str = "dlm-ls worker", description: str | None = None) -> argparse.ArgumentParser:
-        p = argparse.ArgumentParser(prog=prog, description=description,
-                                    formatter_class=_DefaultsFormatter)
+    def add_arguments(cls, p: argparse.ArgumentParser, names: tuple[str, ...] | None = None,
+                      unset: bool = False) -> None:
+        """Add the flags of these fields (all by default). `unset`: a flag not given parses as None, so a
+        caller with settings of its own (`dlm-ls serve`) overrides only what was typed; the help then
+        says the default itself."""
         for f in dataclasses.fields(cls):
+            if names is not None and f.name not in names:
+                continue
             kwargs = {k: v for k, v in f.metadata.items() if k != "flag"}
+            if unset and f.default not in (None, False) and kwargs.get("help") != argparse.SUPPRESS:
+                kwargs["help"] = f"{kwargs['help']} (default: {f.default:g})" if isinstance(f.default, float) \
+                    else f"{kwargs['help']} (default: {f.default})"
             if f.type in ("bool", bool):
-                p.add_argument(cls.flag(f), dest=f.name, action="store_true", **kwargs)
+                p.add_argument(cls.flag(f), dest=f.name, action="store_true", default=None if unset else False,
+                               **kwargs)
             else:
                 kind = int if f.type in ("int", "int | None") else float if f.type == "float" else str
-                p.add_argument(cls.flag(f), dest=f.name, type=kind, default=f.default, **kwargs)
+                p.add_argument(cls.flag(f), dest=f.name, type=kind, default=None if unset else f.default, **kwargs)
+
+    @classmethod
+    def parser(cls, prog: str = "dlm-ls worker", description: str | None = None) -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_DefaultsFormatter)
+        cls.add_arguments(p)
         return p
 
     @classmethod

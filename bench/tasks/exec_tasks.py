@@ -1,6 +1,6 @@
 """Execution-based infill tasks: small Python functions with tests, written by hand for dlm-ls.
 
-Data, not a module of the package: `model/bench/execution.py` reads `TASKS` with runpy. Each task:
+Data, not a module of the package: `bench/execution.py` reads `TASKS` with runpy. Each task:
 
   name    unique id
   source  the program (stdlib only; a module docstring-free snippet of one or two functions)

@@ -1,4 +1,7 @@
-"""`dlm-ls eval`: infill quality on held-out code, for the `parallel` and the `ar` strategy.
+"""Infill quality on held-out code, for the `parallel` and the `ar` strategy: tasks, measures, records.
+
+The `dlm-ls eval` command that runs them and writes a result file is bench/eval.py; training and
+shipping judge checkpoints with this module directly.
 
 Tasks are cut from real files of the held-out test packages (data/corpus/test.jsonl), seeded,
 so the same corpus always gives the same tasks:
@@ -16,7 +19,7 @@ so the same corpus always gives the same tasks:
 Each task keeps a window of its file around the hole (at most PREFIX_CHARS before, SUFFIX_CHARS
 after, cut at top-level statement boundaries when they fall inside the window, else at line
 starts), and records package, path and license. `--write-tasks` caches them as JSON Lines so
-benchmarks and CI need no corpus (model/bench/tasks/heldout.jsonl).
+benchmarks and CI need no corpus (bench/tasks/heldout.jsonl).
 
 Measures, per task:
   exact    normalize(predicted) == normalize(true middle), where normalize turns \\r\\n into \\n,
@@ -36,13 +39,11 @@ Knows text, the Infiller and tree-sitter; knows nothing of LSP or of the network
 
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import math
 import random
 import statistics
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -539,34 +540,6 @@ def format_table(summaries: dict[str, dict[str, dict]]) -> str:
 # --------------------------------------------------------------------------- command line
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dlm-ls eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Measures: " + __doc__.split("Measures, per task:")[1].split("\n\nKnows")[0])
-    p.add_argument("--model", default=None, help="checkpoint folder (default: model/default, the shipped model)")
-    p.add_argument("--tasks", default=None, help=f"task file (JSON Lines; default {DEFAULT_TASKS.name}, cached)")
-    p.add_argument("--corpus", default=None, help="cut tasks afresh from this corpus folder instead (e.g. data/corpus)")
-    p.add_argument("--split", default="test", help="corpus split to cut from (default: test)")
-    p.add_argument("--per-kind", type=int, default=100, help="tasks per kind when cutting (default 100)")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    p.add_argument("--write-tasks", default=None, metavar="PATH", help="write the cut tasks here and exit")
-    p.add_argument("--kinds", default="line,block", help="comma-separated: line, block, span (default line,block)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many tasks per kind")
-    p.add_argument("--strategies", default="parallel,ar", help="comma-separated: parallel, ar")
-    p.add_argument("--threshold", type=float, default=None)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", default=None, help="write the summary and per-task records here (JSON)")
-    return p
-
-
-def _progress(done: int, total: int) -> None:
-    if sys.stderr.isatty():
-        print(f"\r{done}/{total} tasks", end="", file=sys.stderr, flush=True)
-
-
 def select(tasks: Sequence[Task], kinds: Sequence[str], limit: int | None) -> list[Task]:
     """The tasks of the given kinds, at most `limit` of each, in file order."""
     out, count = [], dict.fromkeys(kinds, 0)
@@ -575,75 +548,3 @@ def select(tasks: Sequence[Task], kinds: Sequence[str], limit: int | None) -> li
             count[t.kind] += 1
             out.append(t)
     return out
-
-
-def load_or_cut(args) -> list[Task]:
-    if args.corpus:
-        kinds = [k for k in KINDS if k in args.kinds.split(",")] if not args.write_tasks else list(KINDS)
-        return cut_tasks(read_corpus(args.corpus, args.split), args.per_kind, args.seed, kinds)
-    return read_tasks(args.tasks or DEFAULT_TASKS)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    tasks = load_or_cut(args)
-    if args.write_tasks:
-        write_tasks(tasks, args.write_tasks)
-        counts = {k: sum(t.kind == k for t in tasks) for k in KINDS}
-        print(f"wrote {len(tasks)} tasks to {args.write_tasks}: {counts}")
-        return 0
-    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    tasks = select(tasks, kinds, args.limit)
-    if not tasks:
-        print(f"dlm-ls eval: no tasks of kinds {kinds}", file=sys.stderr)
-        return 2
-    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    for s in strategies:
-        if s not in STRATEGIES:
-            print(f"dlm-ls eval: unknown strategy {s!r}", file=sys.stderr)
-            return 2
-
-    from ..infill import Infiller
-    from ..load import DEFAULT_MODEL_DIR
-
-    if args.model is None and not (DEFAULT_MODEL_DIR / "config.json").exists():
-        print(f"dlm-ls eval: the shipped model is not at {DEFAULT_MODEL_DIR} yet: pass --model DIR", file=sys.stderr)
-        return 2
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    infiller = Infiller(args.model, device=args.device, dtype=args.dtype)
-    overrides = {"threshold": args.threshold, "max_steps": args.max_steps}
-    configs = default_configs(strategies, **overrides)
-    t0 = time.perf_counter()
-    records = run_tasks(infiller, tasks, configs, progress=_progress)
-    print(f"\r{len(tasks)} tasks x {len(configs)} strategies in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    summaries = group_summaries(records)
-    print(f"model {infiller.model_dir} ({infiller.info()['parameters']:,} parameters, {infiller.info()['device']})")
-    print(format_table(summaries))
-    target = target_check(summaries)
-    if target:
-        print(format_target(target))
-    nll = likelihood(infiller, tasks)
-    print("true middle, nats per token: " + ", ".join(f"{k} {v['nll_per_token']:.3f}" for k, v in nll.items()))
-    print("  its tokens without the closing PAD: " + ", ".join(f"{k} {v['middle_nll_per_token']:.3f}" for k, v in nll.items())
-          + "; the closing PAD: " + ", ".join(f"{k} {v['end_nll']:.2f}" for k, v in nll.items()))
-    print("  its tokens by the context's next-token head: "
-          + ", ".join(f"{k} {v['context_head_nll_per_token']:.3f}" for k, v in nll.items()))
-    if args.out:
-        from ...bench.common import header
-
-        out = {**header("eval", argv, infiller.info()["device"], "dlm-ls eval"), "model": str(infiller.model_dir), "tasks": str(args.corpus or args.tasks or DEFAULT_TASKS),
-               "sampler": infiller.defaults.to_dict(),
-               "overrides": {k: v for k, v in overrides.items() if v is not None},
-               "summary": summaries, "target": target, "likelihood": nll,
-               "records": [r.to_dict() for r in records]}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
-        print(f"wrote {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
