@@ -317,6 +317,19 @@ async def test_five_megabyte_document_uses_a_bounded_context(tiny_model_dir, sha
         assert status["server"]["rss_bytes"] < 400 * 2**20
 
 
+async def test_status_reports_the_context_tokens_the_worker_computed(tiny_model_dir, shared_run):
+    """dlm/status says how much context a request recomputed: the number that measures the context cache."""
+    text = "def scale(values, factor):\n    return \n\n\nprint(scale([1, 2], 3))\n"
+    async with session(tiny_model_dir, shared_run) as s:
+        uri = "file:///w/prefill.py"
+        s.open(uri, text)
+        await s.inline(uri, lsp.Position(line=1, character=len("    return ")))
+        status = await s.status()
+        last = status["last_request"]
+        assert last["source"] == "model" and last["prefill_tokens"] > 0
+        assert status["policy"]["counters"]["prefill_tokens"] >= last["prefill_tokens"]
+
+
 # --------------------------------------------------------------------------- cancellation
 
 
