@@ -126,8 +126,10 @@ def cmd_serve(rest: list[str], debug: bool) -> int:
     p.add_argument("--stdio", action="store_true",
                    help="accepted for editors that pass it; stdio is the only transport")
     WorkerConfig.add_arguments(p, ("idle_timeout_s",), unset=True)
-    p.add_argument("--debounce-ms", type=int, metavar="MS", help="wait this long for the next keystroke (default 15)")
-    p.add_argument("--max-context-chars", type=int, metavar="N", help="context each side of the cursor (default 16000)")
+    p.add_argument("--debounce-ms", type=int, metavar="MS",
+                   help=f"wait this long for the next keystroke (default {Settings.debounce_ms})")
+    p.add_argument("--max-context-chars", type=int, metavar="N",
+                   help=f"context each side of the cursor (default {Settings.max_context_chars})")
     p.add_argument("--stream-refinement", action="store_true", help="send dlm/refinement notifications per step")
     WorkerConfig.add_arguments(p, ("captured_step",), unset=True)
     p.add_argument("--log-file", metavar="PATH", help="also write the log here (it always goes to stderr)")

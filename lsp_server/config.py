@@ -16,6 +16,7 @@ from typing import Any
 from ..model.prompt import EXTRA_CONTEXT_CHARS
 from ..worker.config import WorkerConfig
 from ..worker.protocol import DlmError
+from .policy import CACHE_ENTRIES
 
 WORKER = WorkerConfig()  # the worker's defaults, which these settings share
 
@@ -51,7 +52,7 @@ class Settings:
     # that adds errors (postprocess.choose_best); false = the best-scored cleaned candidate.
     parse_filter: bool = True
     # Free suggestions (policy.py):
-    cache_entries: int = 256  # suggestions remembered by context (0 = no cache)
+    cache_entries: int = CACHE_ENTRIES  # suggestions remembered by context (0 = no cache)
     speculative: bool = True  # after showing a suggestion, compute the next as if it were accepted
     warm: bool = True  # compute a document's context cache when it opens and when typing pauses
     warm_delay_ms: int = 400  # "typing paused": this long after the last edit with no completion request
