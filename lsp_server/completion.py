@@ -370,7 +370,7 @@ async def run_speculation(ls: "DlmServer", spec: Speculation, doc: D.Document, o
     request = completion_request(plan, f"{os.getpid()}:{rid}", spec.uri)
     request.priority = "low"
     spec.key = request_key(request)
-    if ls.policy.cache.get(spec.key) is not None:
+    if ls.policy.holds(spec.key):
         return
     try:
         outcome = await ask_model(await ls.get_backend(), doc, offset, plan, request, ls.settings)

@@ -326,6 +326,10 @@ class CompletionPolicy:
         self.counters["cache_hits"] += 1
         return hit
 
+    def holds(self, key: str) -> bool:
+        """Is a suggestion for this context cached? (Not counted as a hit or a miss.)"""
+        return self.cache.get(key) is not None
+
     def remember(self, key: str, text: str | None, origin: str = "model") -> None:
         self.cache.put(key, text, origin)
 
