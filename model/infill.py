@@ -22,7 +22,7 @@ from . import layout
 from . import tokens as T
 from .config import SamplerConfig
 from .engine import Engine, EngineError, InfillJob, TokenResult
-from .load import DEFAULT_MODEL_DIR, load_model, load_sampler_config, load_tokenizer
+from .load import DEFAULT_MODEL_DIR, load_model, load_sampler_config, read_tokenizer
 from .train.tokenizer import encode_plain
 
 MASK_GLYPH = "\u2591"  # how an undecided slot looks in a streamed refinement state
@@ -143,15 +143,16 @@ class Infiller:
         if not (self.model_dir / "config.json").exists():
             raise InfillError(f"no model at {self.model_dir}: expected a checkpoint folder with config.json")
         self.model = load_model(self.model_dir, device, dtype)
-        self.tokenizer = load_tokenizer(self.model_dir)  # transformers PreTrainedTokenizerFast
-        self._backend = self.tokenizer.backend_tokenizer
+        # The `tokenizers` package directly: transformers' wrapper costs a second of import and adds nothing here.
+        self._backend = read_tokenizer(self.model_dir)
         self.defaults = load_sampler_config(self.model_dir)
         kwargs = {"cache_budget_bytes": cache_budget_bytes} if cache_budget_bytes else {}
         if max_context_tokens is None:
             max_context_tokens = default_context_tokens(self.model.config, self.defaults)
         self.engine = Engine(self.model, max_context_tokens=max_context_tokens, captured_step=captured_step, **kwargs)
         self.max_context_tokens = self.engine.max_context_tokens
-        self.newline_ids = frozenset(i for i in range(len(self.tokenizer)) if "\n" in self._decode([i]))
+        vocab = self._backend.get_vocab_size(with_added_tokens=True)
+        self.newline_ids = frozenset(i for i in range(vocab) if "\n" in self._decode([i]))
 
     # ---- text <-> tokens --------------------------------------------------------------------------
 
