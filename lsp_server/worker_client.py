@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from ..worker import standby
 from . import rpc
 from .config import Settings
 from .errors import DlmError
@@ -308,7 +309,8 @@ class WorkerClient:
         fd = os.open(ep.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # a second server starting now waits here, then finds the worker up
-            if _alive(ep.socket):
+            # A killed worker's spare is taking over (worker/standby.py): wait for it, never start a second one.
+            if _alive(ep.socket) or standby.await_takeover(ep.socket, _alive, self.settings.spawn_timeout_s):
                 return
             self._spawn(ep)
         finally:

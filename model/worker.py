@@ -353,8 +353,9 @@ class ClientLink:
 
 class WorkerServer:
     def __init__(self, scheduler: Scheduler, socket_path: Path, idle_timeout_s: float = 600.0,
-                 max_frame_bytes: int = rpc.MAX_FRAME_BYTES, pid_file: Path | None = None):
+                 max_frame_bytes: int = rpc.MAX_FRAME_BYTES, pid_file: Path | None = None, spare: Any = None):
         self.scheduler = scheduler
+        self.spare = spare  # worker/standby.py's Standby: armed once the socket listens
         self.socket_path = socket_path
         self.pid_file = pid_file
         self.idle_timeout_s = idle_timeout_s
@@ -385,6 +386,8 @@ class WorkerServer:
         os.chmod(self.socket_path, 0o600)
         if self.pid_file is not None:
             self.pid_file.write_text(f"{os.getpid()}\n")
+        if self.spare is not None:
+            self.spare.serving()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 self.loop.add_signal_handler(sig, self._signalled, sig)
@@ -488,7 +491,7 @@ class WorkerServer:
             elif method == "status":
                 def more(status: dict) -> dict:
                     return {**status, "socket": str(self.socket_path), "connections": len(self.links),
-                            "idle_timeout_s": self.idle_timeout_s}
+                            "idle_timeout_s": self.idle_timeout_s, "spare_pid": getattr(self.spare, "pid", None)}
                 self.scheduler.control("status", {}, self._answer(link, msgid, more))
             elif method == "ping":
                 link.reply(msgid, {"pid": os.getpid()})
@@ -522,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-context-tokens", type=int, help="longest context the engine accepts")
     p.add_argument("--captured-step", action="store_true",
                    help="replay the refinement step as a CUDA graph at bucketed shapes (GPU)")
+    p.add_argument("--no-spare", action="store_true",
+                   help="no standby process (it takes over within a second when the worker is killed)")
     p.add_argument("--debug", action="store_true", help="log every request")
     args = p.parse_args(argv)
 
@@ -541,8 +546,22 @@ def main(argv: list[str] | None = None) -> int:
 
     if _probe(sock):  # before loading anything: a second worker on one socket is a mistake, say so fast
         raise DlmError("worker_unavailable", f"a worker already serves {sock}")
-    scheduler = Scheduler(str(model_dir), device=args.device, dtype=args.dtype, max_jobs=args.max_jobs,
-                          max_context_tokens=args.max_context_tokens, captured_step=args.captured_step)
-    server = WorkerServer(scheduler, sock, args.idle_timeout, args.max_frame_bytes, pid_file)
-    asyncio.run(server.run())
+    spare = None
+    if not args.no_spare:
+        import torch  # before the fork, so the spare has it (most of a start); no op has run yet
+
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+            from . import infill  # noqa: F401 - a build without GPUs: no device to touch, so the spare keeps it too
+
+        from ..worker import standby
+
+        spare = standby.start(sock)  # returns in the spare too, once its worker was killed and it takes over
+    try:
+        scheduler = Scheduler(str(model_dir), device=args.device, dtype=args.dtype, max_jobs=args.max_jobs,
+                              max_context_tokens=args.max_context_tokens, captured_step=args.captured_step)
+        server = WorkerServer(scheduler, sock, args.idle_timeout, args.max_frame_bytes, pid_file, spare)
+        asyncio.run(server.run())
+    finally:
+        if spare is not None:
+            spare.dismiss()
     return 0
