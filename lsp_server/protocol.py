@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from typing import Any
 
 from lsprotocol.types import ResponseError, ResponseErrorMessage
 from pygls.exceptions import JsonRpcException
 
+from .early import CONTENT_LENGTH
 from .errors import INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, SERVER_NOT_INITIALIZED
 
 log = logging.getLogger("dlm_ls.protocol")
@@ -145,7 +145,6 @@ def _is_notification_method(message_type) -> bool:
     return fields is not None and not any(f.name == "id" for f in fields)
 
 
-_CONTENT_LENGTH = re.compile(rb"content-length[ \t]*:[ \t]*(-?\d+)", re.IGNORECASE)
 
 
 async def read_messages(reader, protocol: AnsweringProtocol, stop_event, max_bytes: int) -> None:
@@ -161,7 +160,7 @@ async def read_messages(reader, protocol: AnsweringProtocol, stop_event, max_byt
         if not line:
             return
         if line.strip():  # a header line; only Content-Length matters (Content-Type is utf-8 or absent)
-            match = _CONTENT_LENGTH.search(line)
+            match = CONTENT_LENGTH.search(line)
             if match:
                 length = int(match.group(1))
                 if length > max_bytes:
