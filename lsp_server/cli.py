@@ -12,7 +12,6 @@ one clear line, not a traceback, unless `--debug` is given anywhere on the comma
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import importlib
 import json
@@ -282,6 +281,8 @@ def cmd_complete(rest: list[str], debug: bool) -> int:
         raise DlmError("config_error", "; ".join(problems))
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(message)s")
+    import asyncio  # here, not at the top: `serve` answers a repeated initialize before it would be needed
+
     outcome = asyncio.run(_complete(doc, offset, settings, args.steps))
     r = outcome.result
     if args.json:
