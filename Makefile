@@ -13,7 +13,7 @@ STAMP := $(VENV)/.dlm-ls-installed
 TORCH ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: demo test fuzz venv bench bench-startup bench-train train clean
+.PHONY: demo test fuzz venv bench bench-startup bench-recovery bench-train train clean
 
 venv: $(STAMP)
 
@@ -62,8 +62,14 @@ train: $(STAMP)
 		--max-minutes $(TRAIN_MINUTES) --threads $(TRAIN_THREADS) >> $(RUN)/stdout.log 2>&1 < /dev/null & \
 	echo "training in the background: tail -f $(RUN)/log.jsonl"
 
+# Server start to `initialize` answered, first and repeat starts: bench/results/startup-cpu.json.
 bench-startup: $(STAMP)
 	$(PY) -m dlm_ls.bench.startup
+
+# kill -9 of the worker to the next completion, with and without the standby spare, and the
+# worker's start: bench/results/recovery-cpu.json.
+bench-recovery: $(STAMP)
+	$(PY) -m dlm_ls.bench.recovery
 
 clean:
 	rm -rf $(VENV) .pytest_cache .bench

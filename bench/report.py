@@ -23,7 +23,7 @@ from typing import Any
 from .common import REPO_ROOT, RESULTS_DIR
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-ORDER = ("quality", "ratio", "step", "latency", "ceilings", "large", "extra_context", "train")
+ORDER = ("quality", "ratio", "step", "latency", "startup", "recovery", "ceilings", "large", "extra_context", "train")
 
 
 def load_results(results_dir: Path) -> list[dict[str, Any]]:
@@ -187,6 +187,33 @@ def extra_context_section(d: dict) -> str:
                       provenance(d)])
 
 
+def startup_section(d: dict) -> str:
+    rows = [[name, _ms(d[key]["wall_ms"]["p50"]), _ms(d[key]["wall_ms"]["min"]), _ms(d[key]["wall_ms"]["max"]),
+             _ms(d[key]["cpu_ms"]["p50"])]
+            for name, key in (("first start (no caches)", "first_start"), ("repeat start", "repeat_start"))]
+    load = d["machine"].get("load_average") or [None]
+    return "\n".join([f"**Server start** to `initialize` answered, {d['first_start']['runs']} starts of each kind in turn "
+                      "(a repeat start answers from the kept answer, lsp_server/early.py; load average "
+                      f"{_f(load[0], 1)} on {d['machine'].get('cpus')} CPUs; torch imported: {d.get('torch_loaded')}):", "",
+                      _md(rows, ["start", "wall p50 ms", "min", "max", "CPU p50 ms"]), "",
+                      provenance({**d, "model": {"path": "none (no worker on this path)"}})])
+
+
+def recovery_section(d: dict) -> str:
+    rows = [[name, _ms(v["recovery_ms"]["p50"]), _ms(v["recovery_ms"]["min"]), _ms(v["recovery_ms"]["max"]),
+             _ms(v["takeover_ms"]["p50"]), _ms(v["first_completion_ms"]["p50"]), _ms(v["warm_completion_ms"]["p50"])]
+            for name, v in d["variants"].items()]
+    load = d["machine"].get("load_average") or [None]
+    runs = next(iter(d["variants"].values()))["recovery_ms"]["count"]
+    return "\n".join([f"**Recovery** from `kill -9` of the worker in the middle of a one-line completion, to that completion "
+                      f"answered by the next worker ({runs} kills each, in turn; load average {_f(load[0], 1)} on "
+                      f"{d['machine'].get('cpus')} CPUs). A worker starts in {_ms(d['startup_ms']['p50'])} ms p50 "
+                      f"(spawn to first ping), the model load {_ms(d['load_s']['p50'])} ms of it.", "",
+                      _md(rows, ["next worker", "kill to completion p50 ms", "min", "max", "kill to a worker answering",
+                                 "its completion (worker's time)", "a completion before the kill"]), "",
+                      provenance(d)])
+
+
 def train_section(d: dict) -> str:
     table = [[r["name"], f"{r['tokens_per_s']:,}", _f(r.get("vs_fp32_eager"), 2), _f(r["loss_after"], 4)] for r in d["rows"]]
     skipped = "".join(f"\n\n{s['variant']} not run: {s['why']}." for s in d.get("skipped", []))
@@ -198,7 +225,7 @@ def train_section(d: dict) -> str:
 
 SECTIONS = {"quality": quality_section, "ratio": ratio_section, "step": step_section, "latency": latency_section,
             "ceilings": ceilings_section, "large": large_section, "extra_context": extra_context_section,
-            "train": train_section}
+            "train": train_section, "startup": startup_section, "recovery": recovery_section}
 
 
 def render(results: list[dict]) -> str:

@@ -29,11 +29,13 @@ from torch import Tensor
 
 from . import dispatch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the reference is all there is
-    triton = None
+triton = None  # CPU-only installs, or a CPU without the interpreter: the reference is all there is
+if dispatch.triton_runnable():
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        triton = None
 
 LOG2E = 1.4426950408889634
 

@@ -28,6 +28,14 @@ def triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def triton_runnable() -> bool:
+    """Whether the kernels are wanted here: a CUDA GPU, Triton's interpreter, or `DLM_LS_KERNELS=triton`
+    (say, to compile them for a GPU on a CPU machine). Elsewhere the op modules skip `import triton`
+    (half a second of every worker's start on a CPU) and keep the reference."""
+    asked = os.environ.get(ENV_VAR, "").strip().lower() == "triton"
+    return triton_importable() and (asked or interpreting() or torch.cuda.is_available())
+
+
 def interpreting() -> bool:
     """Triton's interpreter (TRITON_INTERPRET=1) runs kernels on CPU tensors, slowly: for tests."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")

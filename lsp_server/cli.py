@@ -12,7 +12,6 @@ one clear line, not a traceback, unless `--debug` is given anywhere on the comma
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import importlib
 import json
@@ -143,10 +142,15 @@ def cmd_serve(rest: list[str], debug: bool) -> int:
     settings, problems = Settings().merged({k: v for k, v in flags.items() if v is not None})
     if problems:
         raise DlmError("config_error", "; ".join(problems))
+    from . import early
+
+    # Before pygls is imported: a repeated `initialize` is answered from what was kept (early.py).
+    first = early.read_first(sys.stdin.buffer, sys.stdout.buffer, sorted(flags.items(), key=str),
+                             settings.max_message_bytes)
     with attrs_code_cache():
         from .server import serve
 
-    code = serve(settings)
+    code = serve(settings, first)
     logging.shutdown()
     # The thread that reads stdin may still be blocked in read(): do not wait for it.
     os._exit(code)
@@ -171,6 +175,8 @@ def attrs_code_cache():
     import importlib.util
     import marshal
 
+    from .early import cache_dir, ours_and_private
+
     if os.environ.get("DLM_LS_NO_CODE_CACHE") or "lsprotocol.types" in sys.modules:
         yield
         return
@@ -179,18 +185,18 @@ def attrs_code_cache():
         for mod in ("lsprotocol.types", "attr._make"):
             st = os.stat(importlib.util.find_spec(mod).origin)
             stamp.append(f"{mod}:{st.st_size}:{st.st_mtime_ns}")
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dlm-ls"
+        base = cache_dir()
         path = base / f"attrs-code-{hashlib.sha256(chr(0).join(stamp).encode()).hexdigest()[:16]}.marshal"
     except (AttributeError, OSError, ImportError):
         yield
         return
-    if not _ours_and_private(base, directory=True):  # another user's or a shared folder: never load code from it
+    if not ours_and_private(base, directory=True):  # another user's or a shared folder: never load code from it
         yield
         return
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         with os.fdopen(fd, "rb") as f:
-            if not _ours_and_private(f.fileno()):
+            if not ours_and_private(f.fileno()):
                 raise ValueError(f"{path} is not ours alone")
             cache = marshal.load(f)
         fresh = None
@@ -220,23 +226,6 @@ def attrs_code_cache():
             with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
                 marshal.dump(fresh, f)
             os.replace(tmp, path)
-
-
-def _ours_and_private(target, directory: bool = False) -> bool:
-    """`target` (a path, not followed if a link, or an open fd) belongs to this user and no one else may write it.
-
-    A missing folder counts as private: it is created with mode 0700 when the cache is written.
-    """
-    import stat
-
-    try:
-        st = os.fstat(target) if isinstance(target, int) else os.lstat(target)
-    except FileNotFoundError:
-        return directory
-    except OSError:
-        return False
-    kind_ok = stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)
-    return kind_ok and st.st_uid == os.getuid() and not stat.S_IMODE(st.st_mode) & 0o022
 
 
 # --------------------------------------------------------------------------- complete
@@ -292,6 +281,8 @@ def cmd_complete(rest: list[str], debug: bool) -> int:
         raise DlmError("config_error", "; ".join(problems))
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(message)s")
+    import asyncio  # here, not at the top: `serve` answers a repeated initialize before it would be needed
+
     outcome = asyncio.run(_complete(doc, offset, settings, args.steps))
     r = outcome.result
     if args.json:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from typing import Any
 
 from lsprotocol import types as lsp
@@ -34,6 +33,7 @@ from lsprotocol.types import ResponseError, ResponseErrorMessage
 from pygls.exceptions import JsonRpcException
 from pygls.protocol import LanguageServerProtocol, lsp_method
 
+from .early import CONTENT_LENGTH
 from .errors import INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, SERVER_NOT_INITIALIZED
 
 log = logging.getLogger("dlm_ls.protocol")
@@ -147,7 +147,6 @@ def _is_notification_method(message_type) -> bool:
     return fields is not None and not any(f.name == "id" for f in fields)
 
 
-_CONTENT_LENGTH = re.compile(rb"content-length[ \t]*:[ \t]*(-?\d+)", re.IGNORECASE)
 
 
 async def read_messages(reader, protocol: AnsweringProtocol, stop_event, max_bytes: int) -> None:
@@ -163,7 +162,7 @@ async def read_messages(reader, protocol: AnsweringProtocol, stop_event, max_byt
         if not line:
             return
         if line.strip():  # a header line; only Content-Length matters (Content-Type is utf-8 or absent)
-            match = _CONTENT_LENGTH.search(line)
+            match = CONTENT_LENGTH.search(line)
             if match:
                 length = int(match.group(1))
                 if length > max_bytes:

@@ -102,14 +102,19 @@ class DlmServer(LanguageServer):
 
     # -- the connection
 
-    def start_io(self, stdin=None, stdout=None) -> None:
-        """Serve over stdio with our own framing (protocol.read_messages) in place of pygls' loop."""
+    def start_io(self, stdin=None, stdout=None, early=None) -> None:
+        """Serve over stdio with our own framing (protocol.read_messages) in place of pygls' loop.
+
+        `early` (early.Early): what was read before pygls was imported, read again here first; an
+        `initialize` it answered already is not answered twice."""
         from pygls.io_ import StdinAsyncReader, StdoutWriter
         from threading import Event
 
         self._stop_event = Event()
-        self.protocol.set_writer(StdoutWriter(stdout or sys.stdout.buffer))
+        writer = StdoutWriter(stdout or sys.stdout.buffer)
+        self.protocol.set_writer(early.writer(writer) if early is not None else writer)
         reader = StdinAsyncReader(stdin or sys.stdin.buffer, self.thread_pool)
+        reader = early.reader(reader) if early is not None else reader
         try:
             asyncio.run(read_messages(reader, self.protocol, self._stop_event, self.settings.max_message_bytes))
         except StreamError as exc:
@@ -368,10 +373,11 @@ def apply_settings(ls: DlmServer, data: Any, source: str) -> None:
 # --------------------------------------------------------------------------- running
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, early=None) -> int:
     """Run the server over stdio until `exit` or the end of stdin; returns the exit status."""
     configure_logging(settings)
     ls = build_server(settings)
-    log.info("dlm-ls %s serving over stdio (pid %d)", VERSION, os.getpid())
-    ls.start_io()
+    log.info("dlm-ls %s serving over stdio (pid %d)%s", VERSION, os.getpid(),
+             "; initialize answered from the kept answer" if early is not None and early.answered else "")
+    ls.start_io(early=early)
     return 0 if ls.shutdown_requested and not ls.stream_error else 1

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from ..worker import protocol
+from ..worker import protocol, standby
 from ..worker.protocol import DlmError, InfillReply, InfillRequest, StepUpdate, WarmRequest, alive, resolve_model_dir
 from .config import Settings
 
@@ -271,7 +271,8 @@ class WorkerClient:
         fd = os.open(ep.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # a second server starting now waits here, then finds the worker up
-            if alive(ep.socket):
+            # A killed worker's spare is taking over (worker/standby.py): wait for it, never start a second one.
+            if alive(ep.socket) or standby.await_takeover(ep.socket, alive, self.settings.spawn_timeout_s):
                 return
             self._spawn(ep)
         finally:

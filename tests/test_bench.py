@@ -311,3 +311,22 @@ def test_large_bench_runs_fixed_steps_and_reports_floors():
     assert by[("line", "parallel")]["speedup_vs_ar"] > 0
     natural = by[("64-token", "dream (dual cache)")]  # 2 blocks x 4 steps, whatever the random weights say
     assert natural["nfe"] == natural["expected_steps"] == 8 and natural["floor_ms"] > 0
+
+
+def test_recovery_and_startup_benchmarks_write_results_the_report_renders(tiny_model_dir, tmp_path, monkeypatch):
+    from dlm_ls.bench import startup as bench_startup
+    from dlm_ls.bench import recovery
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "results"
+    assert recovery.main(["--model", str(tiny_model_dir), "--runs", "1", "--startup-runs", "1",
+                          "--out-dir", str(out)]) == 0
+    assert bench_startup.main(["--runs", "1", "--out-dir", str(out)]) == 0
+    rec = json.loads((out / "recovery-cpu.json").read_text())
+    assert rec["command"].startswith("python -m dlm_ls.bench.recovery --model")
+    assert rec["variants"]["spare"]["served_by"] == ["spare"]  # the spare served after the kill
+    assert rec["variants"]["no spare"]["served_by"] == ["new worker"]
+    start = json.loads((out / "startup-cpu.json").read_text())
+    assert start["torch_loaded"] is False and start["repeat_start"]["runs"] == 1
+    body = report.render(report.load_results(out))
+    assert "**Recovery**" in body and "**Server start**" in body and "unreadable" not in body

@@ -297,6 +297,7 @@ def test_kernels_compile_for_an_h100():
     if "nvidia" not in backends:
         pytest.skip("triton's CUDA backend is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["DLM_LS_KERNELS"] = "triton"  # on a machine without a GPU the kernels are only defined when asked for
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]

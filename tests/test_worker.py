@@ -302,3 +302,92 @@ def test_captured_step_setting_reaches_the_engine(tiny_model_dir):
         assert stats["eager"] == w.result.nfe and stats["capture"] is False
     finally:
         s.stop()
+
+
+# --------------------------------------------------------------------------- the standby spare
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or one that has exited (a zombie waiting for a parent that is not us)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def _wait_gone(pid: int, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while not _gone(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+async def test_spare_takes_over_after_kill_9_and_the_next_completion_succeeds(tiny_model_dir, tmp_path, monkeypatch):
+    from dlm_ls.lsp_server.config import Settings
+    from dlm_ls.lsp_server.worker_client import WorkerClient
+    from dlm_ls.worker.protocol import InfillRequest
+
+    for key, value in worker_env().items():
+        monkeypatch.setenv(key, value)
+    settings, problems = Settings().merged({"model": str(tiny_model_dir), "device": "cpu"})
+    assert not problems
+    client = WorkerClient(settings)
+    try:
+        assert (await client.infill(InfillRequest(SEGMENTS, id="before", mode="line", overrides=FAST))).nfe >= 1
+        before = await client.status()
+        worker_pid, spare_pid = before["pid"], before["spare_pid"]
+        assert spare_pid not in (None, worker_pid) and not _gone(spare_pid)
+
+        os.kill(worker_pid, signal.SIGKILL)
+        after = await client.infill(InfillRequest(SEGMENTS, id="after", mode="line", overrides=FAST))  # mid-session
+        assert after.nfe >= 1  # the connection broke under us, and the spare answered
+        status = await client.status()
+        assert status["pid"] == spare_pid  # the spare serves: no second worker was started
+        assert client.restarts == 1 and not client.spawned  # the killed worker was reaped, no other started
+        log = client.endpoint.log_file.read_text()
+        assert log.count("listening on") == 2 and f"worker pid {spare_pid} listening" in log
+        assert status["spare_pid"] not in (None, spare_pid) and not _gone(status["spare_pid"])  # and has a spare
+        assert not Path(f"/proc/{worker_pid}").exists()  # reaped by the client that started it
+
+        new_spare = status["spare_pid"]
+        await client.call("shutdown")
+        assert _wait_gone(spare_pid) and _wait_gone(new_spare)  # a clean exit takes its spare along
+        assert not client.endpoint.socket.exists()
+    finally:
+        await client.close()
+
+
+def test_clean_exit_leaves_no_spare_and_a_spare_never_replaces_a_worker_that_never_served(tiny_model_dir, tmp_path):
+    from dlm_ls.worker import standby
+
+    sock = tmp_path / "clean" / "w.sock"
+    proc = start_worker(tiny_model_dir, sock, idle=300)
+    link_status = asyncio.run(_status(sock))
+    spare = link_status["spare_pid"]
+    assert spare is not None and not _gone(spare) and standby.spare_waiting(sock)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert _gone(spare) and not Path(f"/proc/{spare}").exists()  # the worker reaped it
+    assert not standby.spare_waiting(sock) and not sock.exists()
+
+    # A worker killed before it ever listened (here: a model folder that is not one) is not replaced.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")
+    out = subprocess.run([sys.executable, "-m", "dlm_ls.lsp_server.cli", "worker", "--model", str(bad),
+                          "--device", "cpu", "--socket", str(tmp_path / "bad-run" / "w.sock")],
+                         capture_output=True, text=True, env=worker_env(), timeout=120)
+    assert out.returncode == 1 and "takes over" not in out.stderr
+    assert not standby.spare_waiting(tmp_path / "bad-run" / "w.sock")
+
+
+async def _status(sock: Path) -> dict:
+    link = await RawLink.open(sock)
+    try:
+        msg = await link.call("status")
+        assert msg.error is None, msg.error
+        return msg.result
+    finally:
+        link.close()

@@ -48,6 +48,10 @@ class WorkerConfig:
     # Replay the refinement step as a CUDA graph at bucketed shapes (model/captured.py); GPU only.
     captured_step: bool = field(default=False, metadata=_flag(
         "replay the refinement step as a CUDA graph at bucketed shapes (GPU)"))
+    # A standby process forked after `import torch` takes the socket over when the worker is killed
+    # (worker/standby.py), so a crash costs a model load, not a whole start.
+    no_spare: bool = field(default=False, metadata=_flag(
+        "no standby process (it takes over within a second when the worker is killed)"))
     debug: bool = field(default=False, metadata=_flag("log every request"))
 
     @staticmethod

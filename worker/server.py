@@ -63,8 +63,10 @@ class ClientLink:
 
 class WorkerServer:
     def __init__(self, scheduler: Scheduler, socket_path: Path, idle_timeout_s: float = WorkerConfig.idle_timeout_s,
-                 max_frame_bytes: int = WorkerConfig.max_frame_bytes, pid_file: Path | None = None):
+                 max_frame_bytes: int = WorkerConfig.max_frame_bytes, pid_file: Path | None = None,
+                 spare: Any = None):
         self.scheduler = scheduler
+        self.spare = spare  # standby.Standby: armed once the socket listens
         self.socket_path = socket_path
         self.pid_file = pid_file
         self.idle_timeout_s = idle_timeout_s
@@ -93,6 +95,8 @@ class WorkerServer:
         os.chmod(self.socket_path, 0o600)
         if self.pid_file is not None:
             self.pid_file.write_text(f"{os.getpid()}\n")
+        if self.spare is not None:
+            self.spare.serving()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 self.loop.add_signal_handler(sig, self._signalled, sig)
@@ -194,7 +198,7 @@ class WorkerServer:
             elif method == "status":
                 def more(status: dict) -> dict:
                     return {**status, "socket": str(self.socket_path), "connections": len(self.links),
-                            "idle_timeout_s": self.idle_timeout_s}
+                            "idle_timeout_s": self.idle_timeout_s, "spare_pid": getattr(self.spare, "pid", None)}
                 self.scheduler.control("status", {}, self._answer(link, msgid, more))
             elif method == "ping":
                 link.reply(msgid, {"pid": os.getpid()})
@@ -232,8 +236,22 @@ def main(argv: list[str] | None = None) -> int:
     protocol.ensure_private_dir(sock.parent)
     if protocol.probe(sock):  # before loading anything: a second worker on one socket is a mistake, say so fast
         raise DlmError("worker_unavailable", f"a worker already serves {sock}")
-    scheduler = Scheduler(str(model_dir), device=cfg.device, dtype=cfg.dtype, max_jobs=cfg.max_jobs,
-                          max_context_tokens=cfg.max_context_tokens, captured_step=cfg.captured_step)
-    server = WorkerServer(scheduler, sock, cfg.idle_timeout_s, cfg.max_frame_bytes, pid_file)
-    asyncio.run(server.run())
+    spare = None
+    if not cfg.no_spare:
+        import torch  # before the fork, so the spare has it (most of a start); no op has run yet
+
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+            from ..model import infill  # noqa: F401 - a build without GPUs: no device to touch, the spare keeps it too
+
+        from . import standby
+
+        spare = standby.start(sock)  # returns in the spare too, once its worker was killed and it takes over
+    try:
+        scheduler = Scheduler(str(model_dir), device=cfg.device, dtype=cfg.dtype, max_jobs=cfg.max_jobs,
+                              max_context_tokens=cfg.max_context_tokens, captured_step=cfg.captured_step)
+        server = WorkerServer(scheduler, sock, cfg.idle_timeout_s, cfg.max_frame_bytes, pid_file, spare)
+        asyncio.run(server.run())
+    finally:
+        if spare is not None:
+            spare.dismiss()
     return 0
