@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..worker.config import WorkerConfig
-from ..worker.protocol import DlmError
+from ..worker.protocol import LIMITS, DlmError
 
 WORKER = WorkerConfig()  # the worker's defaults, which these settings share
 
@@ -33,7 +33,7 @@ class Settings:
     captured_step: bool = WORKER.captured_step
     # A message whose Content-Length is above this ends the stream (its bytes cannot be framed): one
     # clear log line and a non-zero exit, never a multi-GB read.
-    max_message_bytes: int = 64 << 20
+    max_message_bytes: int = LIMITS.max_message_bytes
     idle_timeout_s: float = WORKER.idle_timeout_s  # a worker with no request for this long exits
     spawn_timeout_s: float = 180.0  # how long a new worker may take to import torch and load the model
     request_timeout_s: float = 60.0  # one completion, end to end; then a clear error, never a hang
@@ -143,10 +143,15 @@ _CHOICES = {
     "completion_fallback": ("auto", "always", "never"),
 }
 _INTS = {"debounce_ms", "max_context_chars", "max_syntax_chars", "max_context_tokens", "max_jobs", "max_steps",
-         "block_size", "max_tokens", "cache_entries", "warm_delay_ms", "extra_context_chars"}
+         "block_size", "max_tokens", "cache_entries", "warm_delay_ms", "extra_context_chars", "max_message_bytes"}
 _ZERO_OK = {"debounce_ms", "cache_entries", "warm_delay_ms", "extra_context_chars"}  # 0 switches the feature off
 _FLOATS = {"idle_timeout_s", "spawn_timeout_s", "request_timeout_s", "threshold", "temperature",
            "extra_context_min_score"}
+# Settings that size what the worker allocates or the server reads, and the limit (worker/protocol.py
+# LIMITS) each must stay under: the same bounds the worker enforces on any client.
+_LIMITED = {"max_tokens": "max_tokens", "block_size": "max_tokens", "max_steps": "max_steps",
+            "max_context_tokens": "max_context_tokens", "max_message_bytes": "max_message_bytes",
+            "max_context_chars": "max_document_chars", "max_syntax_chars": "max_document_chars"}
 _BOOLS = {"in_process", "stream_refinement", "speculative", "warm", "python_ellipsis_holes", "parse_filter",
           "captured_step"}
 
@@ -168,6 +173,8 @@ def _coerce(key: str, value: Any) -> Any:
             raise bad("must be an integer")
         if value < 0 or (value == 0 and key not in _ZERO_OK):
             raise bad("must be positive")
+        if key in _LIMITED:
+            LIMITS.check(f"setting {key!r}", int(value), _LIMITED[key], "config_error")
         return int(value)
     if key in _FLOATS:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -183,6 +190,8 @@ def _coerce(key: str, value: Any) -> Any:
         if not isinstance(value, (list, tuple)) or not value or not all(
                 isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value):
             raise bad("must be a non-empty list of positive integers")
+        LIMITS.check(f"the number of lengths in setting {key!r}", len(value), "max_canvas_lengths", "config_error")
+        LIMITS.check(f"the longest length in setting {key!r}", max(value), "max_canvas_length", "config_error")
         return tuple(value)
     if not isinstance(value, str):
         raise bad("must be a string")

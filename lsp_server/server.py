@@ -849,6 +849,8 @@ def build_server(settings: Settings) -> DlmServer:
     def did_open(ls: DlmServer, params: lsp.DidOpenTextDocumentParams):
         td = params.text_document
         doc = ls.docs.open(td.uri, td.text, td.language_id, td.version)
+        if doc is None:  # above the document size limit: the store said so in the log
+            return
         attach_syntax(doc, ls.settings)
         log.debug("opened %s (%s, %d chars)", td.uri, td.language_id, len(td.text))
         # The cursor is not known yet; the end of the file is where a file just opened is most often
@@ -868,6 +870,8 @@ def build_server(settings: Settings) -> DlmServer:
             doc = ls.docs.change(params.text_document.uri, params.text_document.version, changes)
         except DlmError as exc:  # a notification has no reply: log it, keep serving
             log.warning("didChange ignored: %s", exc)
+            return
+        if doc is None:  # let go: it grew past the document size limit (the store logged it)
             return
         if (doc.syntax is None) != (len(doc.text) > ls.settings.max_syntax_chars):
             attach_syntax(doc, ls.settings)  # crossed the size limit, or the tree was dropped

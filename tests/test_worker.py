@@ -236,6 +236,31 @@ async def test_malformed_unknown_and_oversized_get_clear_errors(worker):
     link.close()
 
 
+async def test_oversized_requests_from_a_socket_client_are_refused_before_any_allocation(worker):
+    """A client that bypasses the language server meets the same limits (worker/protocol.py LIMITS)."""
+    link = await RawLink.open(worker[1])
+    before = (await link.call("status")).result["counters"].get("requests", 0)
+    cases = [({"max_tokens": 5000}, "overrides.max_tokens is 5000, above the limit max_tokens=1024"),
+             ({"canvas_lengths": [1 << 20]}, "overrides.canvas_lengths[0] is 1048576, above the limit "
+                                             "max_canvas_length=1024"),
+             ({"canvas_lengths": [4] * 100}, "the number of overrides.canvas_lengths is 100, above the limit "
+                                             "max_canvas_lengths=8"),
+             ({"max_steps": 1 << 40}, f"overrides.max_steps is {1 << 40}, above the limit max_steps=1024"),
+             ({"seed": "x"}, "overrides.seed must be an integer from 0 to 2**63-1, not 'x'")]
+    for overrides, message in cases:
+        msg = await link.call("infill", {"segments": SEGMENTS, "overrides": overrides})
+        assert msg.error == {"code": "invalid_params", "message": message}
+    msg = await link.call("infill", {"segments": ["x"] * 50})
+    assert msg.error["message"] == "the number of holes is 49, above the limit max_holes=8"
+    msg = await link.call("warm", {"cache_key": "k", "segments": ["x"] * 50})
+    assert msg.error["code"] == "invalid_params" and "max_holes=8" in msg.error["message"]
+    status = (await link.call("status")).result
+    assert status["counters"].get("requests", 0) == before  # none reached the scheduler
+    msg = await link.call("infill", {"segments": SEGMENTS, "overrides": {**FAST, "seed": 3}})
+    assert msg.error is None and msg.result["middles"]
+    link.close()
+
+
 async def test_client_disconnecting_mid_request_is_survived_and_its_job_cancelled(worker):
     probe = await RawLink.open(worker[1])
     before = (await probe.call("status")).result["counters"].get("cancelled", 0)

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .protocol import MAX_FRAME_BYTES
+from .protocol import LIMITS
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -42,7 +42,7 @@ class WorkerConfig:
         "exit after this many seconds without a request", flag="--idle-timeout", metavar="S"))
     # Concurrent requests one worker accepts; more get a "busy" error.
     max_jobs: int = field(default=32, metadata=_flag("concurrent requests"))
-    max_frame_bytes: int = field(default=MAX_FRAME_BYTES, metadata=_flag(argparse.SUPPRESS))
+    max_frame_bytes: int = field(default=LIMITS.max_frame_bytes, metadata=_flag(argparse.SUPPRESS))
     max_context_tokens: int | None = field(default=None, metadata=_flag(
         "longest context the engine accepts (default: the engine's own limit)"))
     # Replay the refinement step as a CUDA graph at bucketed shapes (model/captured.py); GPU only.

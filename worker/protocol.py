@@ -27,7 +27,7 @@ import stat
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 
@@ -68,8 +68,41 @@ class DlmError(Exception):
         return cls("worker_error", str(err))
 
 
+# --------------------------------------------------------------------------- limits
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds on what anyone may ask for: the one place they live.
+
+    The worker enforces them on every request from any socket client (in `from_wire`, before the
+    engine allocates anything), the language server on its settings, the document store on what it
+    keeps. Each is far above any useful value and far below what would exhaust a machine's memory.
+    """
+
+    max_tokens: int = 1024  # the longest middle (and block) one request may ask for
+    max_canvas_length: int = 1024  # the longest canvas, in slots
+    max_canvas_lengths: int = 8  # canvas lengths refined together in one request
+    max_steps: int = 1024  # refinement steps per block
+    max_context_tokens: int = 16384  # the context budget: the RoPE tables of the shipped model (max_position)
+    max_holes: int = 8  # the hole tokens the vocabulary has (model/tokens.py MAX_HOLES)
+    max_frame_bytes: int = 8 << 20  # one worker frame: a 16k-character context each side is ~100 kB
+    max_message_bytes: int = 64 << 20  # one LSP message (Content-Length)
+    max_document_chars: int = 16 << 20  # one open document, in characters
+
+    def refuse(self, what: str, value: Any, limit: str, code: str = "invalid_params") -> DlmError:
+        """The error for `what` (a field, as the sender named it) being `value`, above the limit `limit`."""
+        return DlmError(code, f"{what} is {value}, above the limit {limit}={getattr(self, limit)}")
+
+    def check(self, what: str, value: Any, limit: str, code: str = "invalid_params") -> None:
+        if value > getattr(self, limit):
+            raise self.refuse(what, value, limit, code)
+
+
+LIMITS = Limits()
+
 REQUEST, RESPONSE, NOTIFY = 0, 1, 2
-MAX_FRAME_BYTES = 8 * 1024 * 1024  # a 16k-character context each side is ~100 kB; 8 MB is a bug or an attack
+MAX_FRAME_BYTES = LIMITS.max_frame_bytes
 DISCARD_LIMIT = 64 * MAX_FRAME_BYTES  # above this an oversized frame is not read and skipped: the link closes
 HEADER = struct.Struct(">I")
 SOCKET_PATH_MAX = 104  # sun_path is 108 bytes on Linux, 104 on macOS
@@ -119,6 +152,51 @@ def _params(params: Any, method: str) -> dict[str, Any]:
     return params
 
 
+def _check_holes(segments: list[str]) -> None:
+    LIMITS.check("the number of holes", len(segments) - 1, "max_holes")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# The sampler settings a request may override (model/config.py SamplerConfig), each with the check
+# of its type and, for those that size an allocation, the limit it must stay under.
+OVERRIDES: dict[str, tuple[str, Callable[[Any], bool], str | None]] = {
+    "strategy": ("a string", lambda v: isinstance(v, str), None),
+    "threshold": ("a number", _is_number, None),
+    "max_steps": ("an integer", _is_int, "max_steps"),
+    "block_size": ("an integer", _is_int, "max_tokens"),
+    "max_tokens": ("an integer", _is_int, "max_tokens"),
+    "min_tokens": ("an integer", _is_int, "max_tokens"),
+    "temperature": ("a number", _is_number, None),
+    "seed": ("an integer from 0 to 2**63-1", lambda v: _is_int(v) and 0 <= v < 1 << 63, None),
+    "canvas_lengths": ("a list of integers", lambda v: isinstance(v, list) and all(map(_is_int, v)), None),
+}
+
+
+def check_overrides(overrides: dict[str, Any]) -> None:
+    """Types and limits of a request's sampler overrides; meaning (a threshold above 1) is the engine's."""
+    for key, value in overrides.items():
+        if key not in OVERRIDES:
+            raise DlmError("invalid_params", f"overrides.{key} is not a sampler setting; known: {', '.join(OVERRIDES)}")
+        if value is None:  # "the model's own value"
+            continue
+        kind, ok, limit = OVERRIDES[key]
+        if not ok(value):
+            raise DlmError("invalid_params", f"overrides.{key} must be {kind}, not {value!r}")
+        if limit is not None:
+            LIMITS.check(f"overrides.{key}", value, limit)
+    lengths = overrides.get("canvas_lengths") or []
+    LIMITS.check("the number of overrides.canvas_lengths", len(lengths), "max_canvas_lengths")
+    for i, n in enumerate(lengths):
+        LIMITS.check(f"overrides.canvas_lengths[{i}]", n, "max_canvas_length")
+
+
 @dataclass
 class InfillRequest:
     """Fill the holes between `segments` (text around them); all holes are one job, refined together."""
@@ -143,9 +221,11 @@ class InfillRequest:
         mode = p.get("mode", "auto")
         if mode not in MODES:
             raise DlmError("invalid_params", f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        _check_holes(segments)
         overrides = p.get("overrides") or {}
         if not isinstance(overrides, dict):
             raise DlmError("invalid_params", "overrides must be a map of sampler settings")
+        check_overrides(overrides)
         priority = p.get("priority", "normal")
         if priority not in PRIORITIES:
             raise DlmError("invalid_params", f"priority must be one of {', '.join(PRIORITIES)}")
@@ -217,6 +297,7 @@ class WarmRequest:
     def from_wire(cls, params: Any) -> "WarmRequest":
         p = params if isinstance(params, dict) else {}
         segments = _text_list(p.get("segments"), "warm needs segments: a list of strings", 0)
+        _check_holes(segments)
         if not isinstance(p.get("cache_key"), str):
             raise DlmError("invalid_params", "warm needs a cache_key: the entry a later request will reuse")
         return cls(p["cache_key"], segments)

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from . import protocol
 from .config import WorkerConfig
-from .protocol import METHODS, CancelRequest, DlmError, InfillRequest, StepUpdate
+from .protocol import METHODS, CancelRequest, DlmError, InfillRequest, StepUpdate, WarmRequest
 from .scheduler import Done, Scheduler
 
 log = logging.getLogger("dlm_ls.worker")
@@ -190,7 +190,7 @@ class WorkerServer:
             elif method == "cancel":
                 self.scheduler.cancel(link, CancelRequest.from_wire(params).id, self._answer(link, msgid))
             elif method == "warm":
-                self.scheduler.control("warm", params, self._answer(link, msgid))
+                self.scheduler.control("warm", WarmRequest.from_wire(params), self._answer(link, msgid))
             elif method == "status":
                 def more(status: dict) -> dict:
                     return {**status, "socket": str(self.socket_path), "connections": len(self.links),
