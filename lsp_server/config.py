@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..worker.config import WorkerConfig
-from ..worker.protocol import LIMITS, DlmError
+from ..worker.protocol import LIMITS, DlmError, WorkerAddress
 
 WORKER = WorkerConfig()  # the worker's defaults, which these settings share
 
@@ -28,6 +28,11 @@ class Settings:
     device: str = WORKER.device  # auto | cpu | cuda | cuda:N; auto takes the GPU when torch sees one
     dtype: str | None = WORKER.dtype  # fp32 | bf16 | fp16; None = bf16 on a GPU, fp32 on a CPU
     in_process: bool = False  # run the engine inside the server (tests, single-user setups); imports torch
+    # Where the worker is: None (or "unix:") = this user's own worker for the model and device, started
+    # when needed; "unix:PATH", or a team worker at "tcp://HOST:PORT" / "tls://HOST:PORT" (docs/team.md).
+    worker: str | None = None
+    token_file: str | None = None  # the team worker's token (a file of the user's own, mode 0600)
+    tls_ca_file: str | None = None  # the certificate (or CA) a tls:// worker is checked against; None = the system's
     # Replay the refinement step as a CUDA graph at bucketed shapes (model/captured.py). GPU only; a
     # worker already running for the model and device keeps the setting it was started with.
     captured_step: bool = WORKER.captured_step
@@ -87,6 +92,10 @@ class Settings:
                 "max_context_tokens": self.max_context_tokens, "captured_step": self.captured_step}
         return WorkerConfig(**{**mine, **where})
 
+    def backend_key(self) -> tuple:
+        """The settings that choose the engine: when one changes, the server switches backends."""
+        return self.model, self.device, self.dtype, self.in_process, self.worker, self.token_file, self.tls_ca_file
+
     def public(self) -> dict[str, Any]:
         """What `dlm/status` and the start-up log show."""
         d = dataclasses.asdict(self)
@@ -135,7 +144,7 @@ def _snake(key: str) -> str:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
-_OPTIONAL = {"model", "dtype", "max_context_tokens", "log_file", *SAMPLER_KEYS}
+_OPTIONAL = {"model", "dtype", "max_context_tokens", "log_file", "worker", "token_file", "tls_ca_file", *SAMPLER_KEYS}
 _CHOICES = {
     "log_level": ("debug", "info", "warning", "error"),
     "strategy": ("parallel", "ar"),
@@ -199,4 +208,9 @@ def _coerce(key: str, value: Any) -> Any:
         raise bad("must be one of " + ", ".join(_CHOICES[key]))
     if key == "device" and not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
         raise bad("must be auto, cpu, cuda or cuda:N")
+    if key == "worker":
+        try:
+            WorkerAddress.parse(value)
+        except DlmError as exc:
+            raise bad(exc.message) from None
     return value

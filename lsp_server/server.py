@@ -840,8 +840,7 @@ def build_server(settings: Settings) -> DlmServer:
         else:
             apply_settings(ls, pushed, "didChangeConfiguration")
         now = ls.settings
-        if (before.model, before.device, before.dtype, before.in_process) != \
-                (now.model, now.device, now.dtype, now.in_process):
+        if before.backend_key() != now.backend_key():
             log.info("model or device changed: switching workers")
             await ls.replace_backend()
 

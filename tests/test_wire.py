@@ -189,3 +189,51 @@ def test_settings_above_the_limits_are_refused_and_skipped(key, value, message):
              "maxSteps": "max_steps", "maxMessageBytes": "max_message_bytes"}[key]
     assert getattr(settings, snake) == getattr(before, snake)
 
+
+# --------------------------------------------------------------------------- team worker addresses and tokens
+
+
+@pytest.mark.parametrize("url,expected", [
+    (None, ("unix", None, "", 0)), ("unix:", ("unix", None, "", 0)), ("unix:/run/w.sock", ("unix", "/run/w.sock", "", 0)),
+    ("unix:///run/w.sock", ("unix", "/run/w.sock", "", 0)), ("tcp://gpu1:7000", ("tcp", None, "gpu1", 7000)),
+    ("tls://10.0.0.2:443/", ("tls", None, "10.0.0.2", 443)), ("tcp://[::1]:7000", ("tcp", None, "::1", 7000)),
+])
+def test_worker_urls(url, expected):
+    a = rpc.WorkerAddress.parse(url)
+    assert (a.scheme, a.path, a.host, a.port) == expected
+    assert rpc.WorkerAddress.parse(str(a)) == a
+
+
+@pytest.mark.parametrize("url", ["http://gpu1:80", "tcp://gpu1", "tcp://gpu1:0", "tcp://gpu1:99999", "gpu1:7000",
+                                 "tls://:443"])
+def test_bad_worker_urls_are_config_errors(url):
+    from dlm_ls.lsp_server.config import Settings
+
+    with pytest.raises(DlmError) as err:
+        rpc.WorkerAddress.parse(url)
+    assert err.value.code == "config_error" and url in err.value.message
+    settings, problems = Settings().merged({"worker": url})
+    assert settings.worker is None and len(problems) == 1 and "worker" in problems[0]
+
+
+def test_token_file_must_be_ours_and_0600(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("s3cret-token-of-enough-length\n")
+    os.chmod(token, 0o600)
+    assert rpc.read_token_file(token) == "s3cret-token-of-enough-length"
+    for mode in (0o644, 0o640, 0o604):
+        os.chmod(token, mode)
+        with pytest.raises(DlmError, match=f"mode {mode:04o}; it must be 0600"):
+            rpc.read_token_file(token)
+    os.chmod(token, 0o600)
+    link = tmp_path / "link"
+    link.symlink_to(token)
+    with pytest.raises(DlmError, match="cannot read token file"):
+        rpc.read_token_file(link)
+    short = tmp_path / "short"
+    short.write_text("abc")
+    os.chmod(short, 0o600)
+    with pytest.raises(DlmError, match="at least 16 characters"):
+        rpc.read_token_file(short)
+    with pytest.raises(DlmError, match="does not exist"):
+        rpc.read_token_file(tmp_path / "none")

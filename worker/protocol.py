@@ -36,7 +36,7 @@ import msgpack
 # The symbolic error codes both ends use; the language server maps each to an LSP code (errors.py).
 CODES = ("invalid_params", "invalid_position", "unknown_document", "infill_error", "unknown_method", "cancelled",
          "superseded", "busy", "too_large", "worker_unavailable", "worker_error", "model_error", "timeout",
-         "config_error", "protocol_error", "internal")
+         "config_error", "protocol_error", "unauthorized", "internal")
 
 
 class DlmError(Exception):
@@ -89,6 +89,8 @@ class Limits:
     max_frame_bytes: int = 8 << 20  # one worker frame: a 16k-character context each side is ~100 kB
     max_message_bytes: int = 64 << 20  # one LSP message (Content-Length)
     max_document_chars: int = 16 << 20  # one open document, in characters
+    hello_bytes: int = 4096  # the first frame of a TCP connection, before it has authenticated
+    hello_timeout_s: float = 10.0  # ... and how long it may take to come
 
     def refuse(self, what: str, value: Any, limit: str, code: str = "invalid_params") -> DlmError:
         """The error for `what` (a field, as the sender named it) being `value`, above the limit `limit`."""
@@ -137,7 +139,7 @@ class ProtocolError(DlmError):
 
 MODES = ("line", "block", "auto")  # what the model is asked to write: one line, a block, or its choice
 PRIORITIES = ("normal", "low")  # low: the server's speculative suggestions, stepped only in idle turns
-METHODS = ("infill", "cancel", "warm", "status", "ping", "shutdown")
+METHODS = ("hello", "infill", "cancel", "warm", "status", "ping", "shutdown")
 
 
 def _text_list(value: Any, what: str, least: int) -> list[str]:
@@ -317,6 +319,25 @@ class CancelRequest:
         return cls(str(params["id"]))
 
 
+@dataclass
+class Hello:
+    """The first message on a TCP connection: the team's token, and who asks (named in the worker's status)."""
+
+    token: str
+    client: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, params: Any) -> "Hello":
+        p = params if isinstance(params, dict) else {}
+        token, client = p.get("token"), p.get("client", "")
+        if not isinstance(token, str) or not token:
+            raise DlmError("unauthorized", "hello needs {token: the team's token}")
+        return cls(token, client[:200] if isinstance(client, str) else "")
+
+
 # --------------------------------------------------------------------------- encoding
 
 
@@ -493,6 +514,79 @@ def alive(path: Path, timeout: float = 5.0) -> bool:
         return False
     finally:
         s.close()
+
+
+@dataclass(frozen=True)
+class WorkerAddress:
+    """Where a client finds its worker, from a URL: `unix:` (this user's own worker for the model and
+    device, started when needed), `unix:PATH`, or a team worker at `tcp://HOST:PORT` / `tls://HOST:PORT`."""
+
+    scheme: str  # unix | tcp | tls
+    path: str | None = None  # unix: the socket; None = the endpoint of the model and device
+    host: str = ""
+    port: int = 0
+
+    @property
+    def remote(self) -> bool:
+        return self.scheme != "unix"
+
+    @classmethod
+    def parse(cls, url: str | None) -> "WorkerAddress":
+        if not url or url == "unix:":
+            return cls("unix")
+        if url.startswith("unix:"):
+            path = url[len("unix:"):]
+            return cls("unix", path[2:] if path.startswith("///") else path)
+        scheme, sep, rest = url.partition("://")
+        if scheme not in ("tcp", "tls") or not sep:
+            raise DlmError("config_error", f"worker URL {url!r}: expected unix:, unix:PATH, tcp://HOST:PORT "
+                                           "or tls://HOST:PORT")
+        host, port = parse_host_port(rest.rstrip("/"), f"worker URL {url!r}")
+        return cls(scheme, None, host, port)
+
+    def __str__(self) -> str:
+        if self.remote:
+            return f"{self.scheme}://{'[' + self.host + ']' if ':' in self.host else self.host}:{self.port}"
+        return f"unix:{self.path or ''}"
+
+
+def parse_host_port(text: str, what: str) -> tuple[str, int]:
+    """HOST:PORT, or [IPv6]:PORT."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise DlmError("config_error", f"{what}: expected HOST:PORT (a port from 1 to 65535), not {text!r}")
+    return host, int(port)
+
+
+TOKEN_MIN_CHARS = 16
+
+
+def read_token_file(path: str | os.PathLike) -> str:
+    """The token in `path`, a file that must be the user's own with no group or other permissions."""
+    p = Path(path).expanduser()
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise DlmError("config_error", f"token file {p} does not exist") from None
+    except OSError as exc:
+        raise DlmError("config_error", f"cannot read token file {p}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise DlmError("config_error", f"token file {p} is not a regular file")
+        if st.st_uid != os.getuid():
+            raise DlmError("config_error", f"token file {p} belongs to another user; it must be your own, mode 0600")
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o077:
+            raise DlmError("config_error", f"token file {p} has mode {mode:04o}; it must be 0600 "
+                                           f"(readable by you alone): chmod 600 {p}")
+        token = f.read(LIMITS.hello_bytes).decode("utf-8", "replace").strip()
+    if len(token) < TOKEN_MIN_CHARS:
+        raise DlmError("config_error", f"token file {p} holds no token of at least {TOKEN_MIN_CHARS} characters; "
+                                       "make one: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    return token
 
 
 def default_model_dir() -> Path:
