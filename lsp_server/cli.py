@@ -111,6 +111,15 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     WorkerConfig.add_arguments(p, ("model", "device", "dtype"), unset=True)  # the worker's own flags
     p.add_argument("--in-process", action="store_true",
                    help="run the model inside this process instead of the shared worker (imports torch)")
+    p.add_argument("--worker", metavar="URL", help="where the worker is: unix: (default: your own, started when "
+                   "needed), unix:PATH, or a team worker at tcp://HOST:PORT or tls://HOST:PORT")
+    p.add_argument("--token-file", metavar="PATH", help="a team worker's token (a file of your own, mode 0600)")
+    p.add_argument("--tls-ca-file", metavar="PATH",
+                   help="check a tls:// worker's certificate against this file (default: the system's CAs)")
+
+
+def _worker_flags(args: argparse.Namespace) -> dict:
+    return {"worker": args.worker, "token_file": args.token_file, "tls_ca_file": args.tls_ca_file}
 
 
 def cmd_serve(rest: list[str], debug: bool) -> int:
@@ -137,7 +146,7 @@ def cmd_serve(rest: list[str], debug: bool) -> int:
     flags = {"model": args.model, "device": args.device, "dtype": args.dtype, "in_process": args.in_process or None,
              "idle_timeout_s": args.idle_timeout_s, "debounce_ms": args.debounce_ms,
              "max_context_chars": args.max_context_chars, "stream_refinement": args.stream_refinement or None,
-             "captured_step": args.captured_step or None,
+             "captured_step": args.captured_step or None, **_worker_flags(args),
              "log_file": args.log_file, "log_level": args.log_level or ("debug" if debug else None)}
     settings, problems = Settings().merged({k: v for k, v in flags.items() if v is not None})
     if problems:
@@ -275,7 +284,7 @@ def cmd_complete(rest: list[str], debug: bool) -> int:
 
     settings, problems = Settings().merged({k: v for k, v in {
         "model": args.model, "device": args.device, "dtype": args.dtype, "in_process": args.in_process,
-        "max_tokens": args.max_tokens, "log_level": "debug" if debug else "warning",
+        "max_tokens": args.max_tokens, "log_level": "debug" if debug else "warning", **_worker_flags(args),
         "parse_filter": False if args.no_parse_filter else None}.items() if v is not None})
     if problems:
         raise DlmError("config_error", "; ".join(problems))

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..model.prompt import EXTRA_CONTEXT_CHARS
 from ..worker.config import WorkerConfig
-from ..worker.protocol import DlmError
+from ..worker.protocol import LIMITS, DlmError, WorkerAddress
 from .policy import CACHE_ENTRIES
 
 WORKER = WorkerConfig()  # the worker's defaults, which these settings share
@@ -30,12 +30,17 @@ class Settings:
     device: str = WORKER.device  # auto | cpu | cuda | cuda:N; auto takes the GPU when torch sees one
     dtype: str | None = WORKER.dtype  # fp32 | bf16 | fp16; None = bf16 on a GPU, fp32 on a CPU
     in_process: bool = False  # run the engine inside the server (tests, single-user setups); imports torch
+    # Where the worker is: None (or "unix:") = this user's own worker for the model and device, started
+    # when needed; "unix:PATH", or a team worker at "tcp://HOST:PORT" / "tls://HOST:PORT" (docs/team.md).
+    worker: str | None = None
+    token_file: str | None = None  # the team worker's token (a file of the user's own, mode 0600)
+    tls_ca_file: str | None = None  # the certificate (or CA) a tls:// worker is checked against; None = the system's
     # Replay the refinement step as a CUDA graph at bucketed shapes (model/captured.py). GPU only; a
     # worker already running for the model and device keeps the setting it was started with.
     captured_step: bool = WORKER.captured_step
     # A message whose Content-Length is above this ends the stream (its bytes cannot be framed): one
     # clear log line and a non-zero exit, never a multi-GB read.
-    max_message_bytes: int = 64 << 20
+    max_message_bytes: int = LIMITS.max_message_bytes
     idle_timeout_s: float = WORKER.idle_timeout_s  # a worker with no request for this long exits
     spawn_timeout_s: float = 180.0  # how long a new worker may take to import torch and load the model
     request_timeout_s: float = 60.0  # one completion, end to end; then a clear error, never a hang
@@ -89,6 +94,10 @@ class Settings:
                 "max_context_tokens": self.max_context_tokens, "captured_step": self.captured_step}
         return WorkerConfig(**{**mine, **where})
 
+    def backend_key(self) -> tuple:
+        """The settings that choose the engine: when one changes, the server switches backends."""
+        return self.model, self.device, self.dtype, self.in_process, self.worker, self.token_file, self.tls_ca_file
+
     def public(self) -> dict[str, Any]:
         """What `dlm/status` and the start-up log show."""
         d = dataclasses.asdict(self)
@@ -137,7 +146,7 @@ def _snake(key: str) -> str:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
-_OPTIONAL = {"model", "dtype", "max_context_tokens", "log_file", *SAMPLER_KEYS}
+_OPTIONAL = {"model", "dtype", "max_context_tokens", "log_file", "worker", "token_file", "tls_ca_file", *SAMPLER_KEYS}
 _CHOICES = {
     "log_level": ("debug", "info", "warning", "error"),
     "strategy": ("parallel", "ar"),
@@ -145,10 +154,15 @@ _CHOICES = {
     "completion_fallback": ("auto", "always", "never"),
 }
 _INTS = {"debounce_ms", "max_context_chars", "max_syntax_chars", "max_context_tokens", "max_jobs", "max_steps",
-         "block_size", "max_tokens", "cache_entries", "warm_delay_ms", "extra_context_chars"}
+         "block_size", "max_tokens", "cache_entries", "warm_delay_ms", "extra_context_chars", "max_message_bytes"}
 _ZERO_OK = {"debounce_ms", "cache_entries", "warm_delay_ms", "extra_context_chars"}  # 0 switches the feature off
 _FLOATS = {"idle_timeout_s", "spawn_timeout_s", "request_timeout_s", "threshold", "temperature",
            "extra_context_min_score"}
+# Settings that size what the worker allocates or the server reads, and the limit (worker/protocol.py
+# LIMITS) each must stay under: the same bounds the worker enforces on any client.
+_LIMITED = {"max_tokens": "max_tokens", "block_size": "max_tokens", "max_steps": "max_steps",
+            "max_context_tokens": "max_context_tokens", "max_message_bytes": "max_message_bytes",
+            "max_context_chars": "max_document_chars", "max_syntax_chars": "max_document_chars"}
 _BOOLS = {"in_process", "stream_refinement", "speculative", "warm", "python_ellipsis_holes", "parse_filter",
           "captured_step"}
 
@@ -170,6 +184,8 @@ def _coerce(key: str, value: Any) -> Any:
             raise bad("must be an integer")
         if value < 0 or (value == 0 and key not in _ZERO_OK):
             raise bad("must be positive")
+        if key in _LIMITED:
+            LIMITS.check(f"setting {key!r}", int(value), _LIMITED[key], "config_error")
         return int(value)
     if key in _FLOATS:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -185,6 +201,8 @@ def _coerce(key: str, value: Any) -> Any:
         if not isinstance(value, (list, tuple)) or not value or not all(
                 isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value):
             raise bad("must be a non-empty list of positive integers")
+        LIMITS.check(f"the number of lengths in setting {key!r}", len(value), "max_canvas_lengths", "config_error")
+        LIMITS.check(f"the longest length in setting {key!r}", max(value), "max_canvas_length", "config_error")
         return tuple(value)
     if not isinstance(value, str):
         raise bad("must be a string")
@@ -192,4 +210,9 @@ def _coerce(key: str, value: Any) -> Any:
         raise bad("must be one of " + ", ".join(_CHOICES[key]))
     if key == "device" and not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
         raise bad("must be auto, cpu, cuda or cuda:N")
+    if key == "worker":
+        try:
+            WorkerAddress.parse(value)
+        except DlmError as exc:
+            raise bad(exc.message) from None
     return value

@@ -13,6 +13,10 @@ three UTF-8 bytes (as the surrogate does under "surrogatepass"), so every positi
 sends still lands where it meant. Nothing downstream (the extra-context chunks of one document
 in another's request, msgpack to the worker, the tokenizer) then meets text it cannot encode.
 
+The store keeps no document above `LIMITS.max_document_chars` (worker/protocol.py): one opened
+larger is refused, one that grows past it is let go, each with one log line; requests on it get a
+`too_large` error naming the limit, until it is closed or replaced whole by a text that fits.
+
 Plain data in, plain data out: positions are (line, character) pairs. This module knows
 nothing of pygls, models or sockets.
 """
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..model.prompt import line_window
+from ..worker.protocol import LIMITS
 from .errors import DlmError
 
 UTF8, UTF16, UTF32 = "utf-8", "utf-16", "utf-32"
@@ -202,10 +207,20 @@ context_window = line_window  # the prompt module cuts every window: one rule fo
 class DocumentStore:
     """The open documents of one client, by URI."""
 
-    def __init__(self, encoding: str = UTF16):
+    def __init__(self, encoding: str = UTF16, max_chars: int = LIMITS.max_document_chars):
         self.encoding = encoding
+        self.max_chars = max_chars
         self.docs: dict[str, Document] = {}
+        # Open in the client, too large to keep here: uri -> (why, language id)
+        self.refused: dict[str, tuple[str, str]] = {}
         self._warned: set[str] = set()  # documents whose lone surrogates were logged already
+
+    def _refuse(self, uri: str, chars: int, language_id: str, what: str) -> None:
+        self.docs.pop(uri, None)
+        why = (f"document {uri} is {chars} characters, above the limit max_document_chars={self.max_chars}; "
+               "dlm-ls does not complete in it")
+        self.refused[uri] = (why, language_id)
+        log.warning("%s: %s", what, why)
 
     def _safe(self, uri: str, text: str) -> str:
         text, replaced = safe_text(text)
@@ -214,27 +229,46 @@ class DocumentStore:
             log.warning("%s: %d lone UTF-16 surrogate(s) replaced by U+FFFD (positions unchanged)", uri, replaced)
         return text
 
-    def open(self, uri: str, text: str, language_id: str = "", version: int = 0) -> Document:
+    def open(self, uri: str, text: str, language_id: str = "", version: int = 0) -> Document | None:
+        """The document now held, or None when it is above the size limit (refused, and logged)."""
         self._warned.discard(uri)
+        self.refused.pop(uri, None)
+        if len(text) > self.max_chars:
+            self._refuse(uri, len(text), language_id, "didOpen refused")
+            return None
         doc = Document(uri, self._safe(uri, text), language_id, version, self.encoding)
         self.docs[uri] = doc
         return doc
 
-    def change(self, uri: str, version: int | None, changes: list[tuple[Range | None, str]]) -> Document:
+    def change(self, uri: str, version: int | None, changes: list[tuple[Range | None, str]]) -> Document | None:
+        """The document after `changes`, or None when it is not held for its size (let go now or before)."""
+        if uri in self.refused:
+            # Only a whole new text that fits can bring it back: the edits since were not kept.
+            whole = [text for rng, text in changes if rng is None]
+            if not whole or len(whole[-1]) > self.max_chars:
+                return None
+            self.open(uri, whole[-1], self.refused[uri][1], version or 0)
+            changes = changes[max(i for i, (rng, _) in enumerate(changes) if rng is None) + 1:]
         doc = self.get(uri)
         for rng, text in changes:
             doc.apply(rng, self._safe(uri, text))
+            if len(doc.text) > self.max_chars:
+                self._refuse(uri, len(doc.text), doc.language_id, "didChange: let go of a document that grew")
+                return None
         if version is not None:
             doc.version = version
         return doc
 
     def close(self, uri: str) -> None:
         self.docs.pop(uri, None)
+        self.refused.pop(uri, None)
         self._warned.discard(uri)
 
     def get(self, uri: str) -> Document:
         doc = self.docs.get(uri)
         if doc is None:
+            if uri in self.refused:
+                raise DlmError("too_large", self.refused[uri][0])
             raise DlmError("unknown_document", f"document {uri} is not open (send didOpen first)")
         return doc
 

@@ -38,6 +38,7 @@ LSP_CODES: dict[str, int] = {
     "timeout": REQUEST_FAILED,
     "config_error": INVALID_PARAMS,
     "protocol_error": INTERNAL_ERROR,
+    "unauthorized": REQUEST_FAILED,  # a team worker refused the token
     "internal": INTERNAL_ERROR,
 }
 assert set(LSP_CODES) == set(CODES), "every symbolic error code needs its LSP code"

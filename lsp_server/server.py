@@ -206,8 +206,7 @@ async def did_change_configuration(ls: DlmServer, params: lsp.DidChangeConfigura
     else:
         apply_settings(ls, pushed, "didChangeConfiguration")
     now = ls.settings
-    if (before.model, before.device, before.dtype, before.in_process) != \
-            (now.model, now.device, now.dtype, now.in_process):
+    if before.backend_key() != now.backend_key():
         log.info("model or device changed: switching workers")
         await ls.replace_backend()
 
@@ -215,6 +214,8 @@ async def did_change_configuration(ls: DlmServer, params: lsp.DidChangeConfigura
 def did_open(ls: DlmServer, params: lsp.DidOpenTextDocumentParams):
     td = params.text_document
     doc = ls.docs.open(td.uri, td.text, td.language_id, td.version)
+    if doc is None:  # above the document size limit: refused, and logged once by the store
+        return
     attach_syntax(doc, ls.settings)
     log.debug("opened %s (%s, %d chars)", td.uri, td.language_id, len(td.text))
     # The cursor is not known yet; the end of the file is where a file just opened is most often
@@ -234,6 +235,8 @@ def did_change(ls: DlmServer, params: lsp.DidChangeTextDocumentParams):
         doc = ls.docs.change(params.text_document.uri, params.text_document.version, changes)
     except DlmError as exc:  # a notification has no reply: log it, keep serving
         log.warning("didChange ignored: %s", exc)
+        return
+    if doc is None:  # let go of when it grew past the document size limit
         return
     if (doc.syntax is None) != (len(doc.text) > ls.settings.max_syntax_chars):
         attach_syntax(doc, ls.settings)  # crossed the size limit, or the tree was dropped

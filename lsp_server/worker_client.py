@@ -8,6 +8,11 @@ one worker; later clients connect to its socket. When the worker is gone (idle t
 crash, kill), the next call starts a new one, and an infill interrupted by the worker's death
 is retried once on the new worker.
 
+The `worker` setting may name another place (worker/protocol.py WorkerAddress): a Unix socket
+path, or a team worker at tcp:// or tls:// (docs/team.md). A team worker is never spawned: the
+client connects, sends its `Hello` with the token from `tokenFile`, and after the worker restarts
+connects again on the next call.
+
 `InProcessBackend` offers the same calls with the worker's scheduler running on a thread of
 this process (`--in-process`); only it imports torch.
 
@@ -22,6 +27,8 @@ import fcntl
 import itertools
 import logging
 import os
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -30,13 +37,15 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from ..worker import protocol, standby
-from ..worker.protocol import DlmError, InfillReply, InfillRequest, StepUpdate, WarmRequest, alive, resolve_model_dir
+from ..worker.protocol import (LIMITS, DlmError, Hello, InfillReply, InfillRequest, StepUpdate, WarmRequest,
+                               WorkerAddress, alive, resolve_model_dir)
 from .config import Settings
 
 log = logging.getLogger("dlm_ls.worker_client")
 
 OnStep = Callable[[StepUpdate], None]
 LOG_ROTATE_BYTES = 8 * 1024 * 1024
+CONNECT_TIMEOUT_S = 10.0  # to reach a team worker, TLS handshake and hello included
 
 
 class Backend(Protocol):
@@ -107,6 +116,28 @@ class Connection:
     async def open(cls, path: Path) -> "Connection":
         reader, writer = await asyncio.open_unix_connection(str(path), limit=protocol.MAX_FRAME_BYTES)
         return cls(reader, writer)
+
+    @classmethod
+    async def open_remote(cls, address: WorkerAddress, token: str, tls: ssl.SSLContext | None) -> "Connection":
+        """A connection to a team worker that has accepted our hello; `DlmError` saying why not."""
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(
+                address.host, address.port, ssl=tls, limit=LIMITS.max_frame_bytes), CONNECT_TIMEOUT_S)
+        except (OSError, asyncio.TimeoutError) as exc:  # ssl.SSLError is an OSError
+            raise WorkerGone(f"cannot reach the worker at {address}: {exc or 'no answer'}") from None
+        conn = cls(reader, writer)
+        try:
+            await asyncio.wait_for(conn.call("hello", Hello(token, _client_name()).to_wire()), CONNECT_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            await conn.close()
+            raise WorkerGone(f"the worker at {address} did not answer our hello") from None
+        except DlmError as exc:
+            await conn.close()
+            if exc.code == "unauthorized":
+                raise DlmError("unauthorized", f"the worker at {address} refused us: {exc.message} "
+                                               "(check the tokenFile setting)") from None
+            raise
+        return conn
 
     async def call(self, method: str, params: Any, on_step: OnStep | None = None,
                    request_id: str | None = None) -> Any:
@@ -194,6 +225,11 @@ class Connection:
 # --------------------------------------------------------------------------- the worker daemon
 
 
+def _client_name() -> str:
+    """Who we are, in the team worker's per-client counts."""
+    return f"{os.environ.get('USER') or os.getuid()}@{socket.gethostname()} pid {os.getpid()}"
+
+
 def _log_tail(path: Path, since: int, lines: int = 6) -> str:
     try:
         with open(path, "rb") as f:
@@ -213,16 +249,23 @@ class WorkerClient:
     def __init__(self, settings: Settings, python: str = sys.executable):
         self.settings = settings
         self.python = python
-        self.model_dir = resolve_model_dir(settings.model)
-        self.endpoint = protocol.endpoint(self.model_dir, settings.device)
+        self.address = WorkerAddress.parse(settings.worker)
+        self.model_dir: Path | None = None  # a team worker's model is on its machine
+        self.endpoint: protocol.Endpoint | None = None
+        if not self.address.remote:
+            self.model_dir = resolve_model_dir(settings.model)
+            self.endpoint = (protocol.endpoint(self.model_dir, settings.device) if self.address.path is None
+                             else _socket_endpoint(Path(self.address.path).expanduser()))
         self.conn: Connection | None = None
         self.spawned: list[subprocess.Popen] = []
         self.restarts = 0
         self._lock = asyncio.Lock()
 
     def describe(self) -> dict[str, Any]:
-        return {"mode": "worker", "socket": str(self.endpoint.socket), "log": str(self.endpoint.log_file),
-                "restarts": self.restarts}
+        if self.endpoint is None:
+            return {"mode": "worker", "worker": str(self.address), "restarts": self.restarts}
+        return {"mode": "worker", "worker": str(self.address), "socket": str(self.endpoint.socket),
+                "log": str(self.endpoint.log_file), "restarts": self.restarts}
 
     async def connection(self) -> Connection:
         """The live connection, connecting (and spawning the worker) when there is none."""
@@ -242,6 +285,8 @@ class WorkerClient:
             self.spawned = [proc for proc in self.spawned if proc.poll() is None]
 
     async def _connect_or_spawn(self) -> Connection:
+        if self.address.remote:
+            return await self._connect_remote()
         protocol.ensure_private_dir(self.endpoint.socket.parent)
         conn = await self._open_checked()
         if conn is not None:
@@ -251,6 +296,20 @@ class WorkerClient:
         if conn is None:
             raise WorkerGone(f"the worker started but does not answer on {self.endpoint.socket}")
         return conn
+
+    async def _connect_remote(self) -> Connection:
+        s = self.settings
+        if not s.token_file:
+            raise DlmError("config_error", f"the worker at {self.address} needs a token: set tokenFile "
+                                           "(or --token-file) to a file of your own, mode 0600, holding it")
+        token = protocol.read_token_file(s.token_file)
+        tls = None
+        if self.address.scheme == "tls":
+            try:
+                tls = ssl.create_default_context(cafile=s.tls_ca_file and os.path.expanduser(s.tls_ca_file))
+            except (OSError, ssl.SSLError) as exc:
+                raise DlmError("config_error", f"cannot load the CA file {s.tls_ca_file}: {exc}") from None
+        return await Connection.open_remote(self.address, token, tls)
 
     async def _open_checked(self) -> Connection | None:
         """A connection whose worker answered a ping; None when no live worker is there."""
@@ -345,6 +404,12 @@ class WorkerClient:
         self._reap()
 
 
+def _socket_endpoint(sock: Path) -> protocol.Endpoint:
+    """The files of a worker at a socket named by hand (as `dlm-ls worker --socket` names them)."""
+    return protocol.Endpoint(sock.stem, sock, sock.with_suffix(".pid"), sock.with_suffix(".lock"),
+                             sock.with_suffix(".log"))
+
+
 # --------------------------------------------------------------------------- in-process engine
 
 
@@ -360,7 +425,7 @@ class InProcessBackend:
         self.model_dir = resolve_model_dir(settings.model)
         self.scheduler = Scheduler(str(self.model_dir), device=settings.device, dtype=settings.dtype,
                                    max_jobs=settings.max_jobs, max_context_tokens=settings.max_context_tokens,
-                                   captured_step=settings.captured_step)
+                                   captured_step=settings.captured_step, max_client_jobs=settings.max_jobs)
         self.scheduler.start()
         self.owner = object()  # the scheduler's "connection" for every request of this server
 

@@ -157,3 +157,41 @@ def test_lone_surrogates_become_replacement_characters_at_the_same_positions(enc
     assert doc.text.startswith("a = '\ufffd'\n\ufffdb")
     warnings = [r for r in caplog.records if "lone UTF-16 surrogate" in r.getMessage()]
     assert len(warnings) == 1  # once per document, not per edit
+
+
+def test_a_document_above_the_size_limit_is_refused_at_open(caplog):
+    from dlm_ls.worker.protocol import LIMITS
+
+    assert DocumentStore().max_chars == LIMITS.max_document_chars
+    store = DocumentStore(max_chars=100)
+    assert store.open("file:///ok.py", "x" * 100) is not None
+    with caplog.at_level("WARNING", logger="dlm_ls.documents"):
+        assert store.open("file:///big.py", "x" * 101, "python") is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "didOpen refused: document file:///big.py is 101 characters, above the limit max_document_chars=100; "
+        "dlm-ls does not complete in it"]
+    assert "file:///big.py" not in store.docs and len(store) == 1
+    with pytest.raises(DlmError) as err:
+        store.get("file:///big.py")
+    assert err.value.code == "too_large" and "max_document_chars=100" in err.value.message
+    # Edits to it are dropped quietly; closing it forgets it.
+    assert store.change("file:///big.py", 2, [(((0, 0), (0, 0)), "y")]) is None
+    store.close("file:///big.py")
+    with pytest.raises(DlmError) as err:
+        store.get("file:///big.py")
+    assert err.value.code == "unknown_document"
+
+
+def test_a_document_that_grows_past_the_limit_is_let_go_and_a_whole_text_that_fits_brings_it_back(caplog):
+    store = DocumentStore(max_chars=100)
+    store.open("file:///a.py", "x" * 90, "python")
+    assert store.change("file:///a.py", 2, [(((0, 90), (0, 90)), "y" * 10)]).text == "x" * 90 + "y" * 10
+    with caplog.at_level("WARNING", logger="dlm_ls.documents"):
+        assert store.change("file:///a.py", 3, [(((0, 100), (0, 100)), "z")]) is None
+    assert len(caplog.records) == 1 and "101 characters" in caplog.records[0].getMessage()
+    with pytest.raises(DlmError, match="max_document_chars=100"):
+        store.get("file:///a.py")
+    assert store.change("file:///a.py", 4, [(None, "w" * 200)]) is None  # still too large
+    doc = store.change("file:///a.py", 5, [(None, "small\n"), (((1, 0), (1, 0)), "more")])
+    assert doc is store.get("file:///a.py") and doc.text == "small\nmore"
+    assert (doc.version, doc.language_id, doc.line_count) == (5, "python", 2)

@@ -330,6 +330,29 @@ async def test_status_reports_the_context_tokens_the_worker_computed(tiny_model_
         assert status["policy"]["counters"]["prefill_tokens"] >= last["prefill_tokens"]
 
 
+async def test_a_document_above_the_size_limit_gets_a_clear_error_and_breaks_nothing(tiny_model_dir, shared_run):
+    from dlm_ls.worker.protocol import LIMITS
+
+    line = "x = 1\n"
+    text = line * (LIMITS.max_document_chars // len(line) + 1)
+    async with session(tiny_model_dir, shared_run) as s:
+        big, small = "file:///w/too_big.py", "file:///w/beside_too_big.py"
+        s.open(big, text)
+        s.open(small, SOURCE)
+        s.client.text_document_did_change(lsp.DidChangeTextDocumentParams(
+            text_document=lsp.VersionedTextDocumentIdentifier(uri=big, version=2),
+            content_changes=[lsp.TextDocumentContentChangePartial(
+                range=lsp.Range(start=lsp.Position(line=0, character=0), end=lsp.Position(line=0, character=0)),
+                text="y = ")]))
+        with pytest.raises(JsonRpcException) as err:
+            await s.inline(big, lsp.Position(line=0, character=4))
+        assert err.value.code == -32803
+        assert f"above the limit max_document_chars={LIMITS.max_document_chars}" in err.value.message
+        result = await s.inline(small, utf16_position(SOURCE, len(SOURCE) - 1))
+        assert len(result.items) == 1
+        assert (await s.status())["server"]["documents"] == 1
+
+
 # --------------------------------------------------------------------------- cancellation
 
 

@@ -118,6 +118,34 @@ def test_bad_requests_get_clear_errors_and_busy_when_full(scheduler):
     assert [e.code for e in errors if e is not None] == ["busy"]  # max_jobs=2
 
 
+def test_per_client_limits_queue_then_refuse_and_waiting_requests_can_be_cancelled(infiller):
+    from dlm_ls.worker.scheduler import Scheduler
+
+    # One live request per client, 40 waiting canvas slots: a SLOW request holds 32 of them.
+    s = Scheduler(None, infiller=infiller, max_jobs=8, max_client_jobs=1, max_client_slots=40)
+    s.start()
+    try:
+        first, second, third, cancelled, other = (Waiter() for _ in range(5))
+        for rid, w in (("1", first), ("2", second), ("3", third)):
+            s.submit("greedy", InfillRequest.from_wire({"id": rid, "segments": SEGMENTS, "overrides": SLOW}), w.done)
+        s.submit("modest", InfillRequest.from_wire({"id": "m", "segments": SEGMENTS, "overrides": FAST}), other.done)
+        assert third.wait().error.code == "busy" and "per-client limits" in str(third.error)
+        assert other.wait().error is None  # started beside the greedy client's one live request
+        assert first.wait().error is None and second.wait().error is None  # the waiting one ran in its turn
+        s.submit("greedy", InfillRequest.from_wire({"id": "4", "segments": SEGMENTS, "overrides": SLOW}), Waiter().done)
+        s.submit("greedy", InfillRequest.from_wire({"id": "5", "segments": SEGMENTS, "overrides": SLOW}),
+                 cancelled.done)
+        s.cancel("greedy", "5")
+        assert cancelled.wait().error.code == "cancelled"
+        asked = Waiter()
+        s.control("status", {}, asked.done)
+        greedy = next(c for c in asked.wait().result["clients"] if c["requests"] == 5)
+        assert (greedy["busy"], greedy["queued"], greedy["most_live"]) == (1, 2, 1)
+        assert greedy["completed"] >= 2 and greedy["waiting"] == 0 and greedy["waiting_slots"] == 0
+    finally:
+        s.stop()
+
+
 def test_status_and_warm(scheduler):
     w = Waiter()
     scheduler.control("warm", {"cache_key": "file:///a.py", "segments": SEGMENTS}, w.done)
@@ -233,6 +261,31 @@ async def test_malformed_unknown_and_oversized_get_clear_errors(worker):
 
     msg = await link.call("ping")  # the same connection still works
     assert msg.result["pid"] == worker[0].pid
+    link.close()
+
+
+async def test_oversized_requests_from_a_socket_client_are_refused_before_any_allocation(worker):
+    """A client that bypasses the language server meets the same limits (worker/protocol.py LIMITS)."""
+    link = await RawLink.open(worker[1])
+    before = (await link.call("status")).result["counters"].get("requests", 0)
+    cases = [({"max_tokens": 5000}, "overrides.max_tokens is 5000, above the limit max_tokens=1024"),
+             ({"canvas_lengths": [1 << 20]}, "overrides.canvas_lengths[0] is 1048576, above the limit "
+                                             "max_canvas_length=1024"),
+             ({"canvas_lengths": [4] * 100}, "the number of overrides.canvas_lengths is 100, above the limit "
+                                             "max_canvas_lengths=8"),
+             ({"max_steps": 1 << 40}, f"overrides.max_steps is {1 << 40}, above the limit max_steps=1024"),
+             ({"seed": "x"}, "overrides.seed must be an integer from 0 to 2**63-1, not 'x'")]
+    for overrides, message in cases:
+        msg = await link.call("infill", {"segments": SEGMENTS, "overrides": overrides})
+        assert msg.error == {"code": "invalid_params", "message": message}
+    msg = await link.call("infill", {"segments": ["x"] * 50})
+    assert msg.error["message"] == "the number of holes is 49, above the limit max_holes=8"
+    msg = await link.call("warm", {"cache_key": "k", "segments": ["x"] * 50})
+    assert msg.error["code"] == "invalid_params" and "max_holes=8" in msg.error["message"]
+    status = (await link.call("status")).result
+    assert status["counters"].get("requests", 0) == before  # none reached the scheduler
+    msg = await link.call("infill", {"segments": SEGMENTS, "overrides": {**FAST, "seed": 3}})
+    assert msg.error is None and msg.result["middles"]
     link.close()
 
 

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .protocol import MAX_FRAME_BYTES
+from .protocol import LIMITS, DlmError
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -39,10 +39,26 @@ class WorkerConfig:
         "default: in the private runtime directory, named after the model folder and device", metavar="PATH"))
     # A worker with no request for this long exits and frees its memory.
     idle_timeout_s: float = field(default=600.0, metadata=_flag(
-        "exit after this many seconds without a request", flag="--idle-timeout", metavar="S"))
+        "exit after this many seconds without a request (not with --listen)", flag="--idle-timeout", metavar="S"))
     # Concurrent requests one worker accepts; more get a "busy" error.
-    max_jobs: int = field(default=32, metadata=_flag("concurrent requests"))
-    max_frame_bytes: int = field(default=MAX_FRAME_BYTES, metadata=_flag(argparse.SUPPRESS))
+    max_jobs: int = field(default=32, metadata=_flag("concurrent requests", metavar="N"))
+    # Fairness between connections (scheduler.py): one connection's requests beyond these wait or are busy.
+    max_client_jobs: int = field(default=8, metadata=_flag(
+        "requests one connection may have running; more wait their turn", metavar="N"))
+    max_client_slots: int = field(default=2048, metadata=_flag(
+        "canvas slots one connection's waiting requests may hold; more are answered busy", metavar="N"))
+    # A team worker (docs/team.md): TCP beside the Unix socket, every connection authenticated first.
+    listen: str | None = field(default=None, metadata=_flag(
+        "also serve a team on TCP at HOST:PORT (needs --token-file)", metavar="HOST:PORT"))
+    token_file: str | None = field(default=None, metadata=_flag(
+        "the team's token: a file of your own with mode 0600", metavar="PATH"))
+    tls_cert: str | None = field(default=None, metadata=_flag("serve TLS with this certificate (PEM)", metavar="PATH"))
+    tls_key: str | None = field(default=None, metadata=_flag("... and this private key (PEM)", metavar="PATH"))
+    insecure: bool = field(default=False, metadata=_flag(
+        "allow plain TCP on an address other than loopback (the token crosses the network in clear)"))
+    hello_timeout_s: float = field(default=LIMITS.hello_timeout_s, metadata=_flag(
+        argparse.SUPPRESS, flag="--hello-timeout"))
+    max_frame_bytes: int = field(default=LIMITS.max_frame_bytes, metadata=_flag(argparse.SUPPRESS))
     max_context_tokens: int | None = field(default=None, metadata=_flag(
         "longest context the engine accepts (default: the engine's own limit)"))
     # Replay the refinement step as a CUDA graph at bucketed shapes (model/captured.py); GPU only.
@@ -53,6 +69,21 @@ class WorkerConfig:
     no_spare: bool = field(default=False, metadata=_flag(
         "no standby process (it takes over within a second when the worker is killed)"))
     debug: bool = field(default=False, metadata=_flag("log every request"))
+
+    def checked(self) -> "WorkerConfig":
+        """These settings, or a DlmError("config_error") naming the flag that is wrong."""
+        if self.max_context_tokens is not None:
+            LIMITS.check("--max-context-tokens", self.max_context_tokens, "max_context_tokens", "config_error")
+        for name in ("max_jobs", "max_client_jobs", "max_client_slots"):
+            if getattr(self, name) < 1:
+                raise DlmError("config_error", f"--{name.replace('_', '-')} must be at least 1")
+        team = {"--token-file": self.token_file, "--tls-cert": self.tls_cert, "--tls-key": self.tls_key,
+                "--insecure": self.insecure}
+        if not self.listen and any(team.values()):
+            raise DlmError("config_error", f"{', '.join(k for k, v in team.items() if v)} only apply with --listen")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise DlmError("config_error", "--tls-cert and --tls-key go together")
+        return self
 
     @staticmethod
     def flag(f: dataclasses.Field) -> str:

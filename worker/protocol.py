@@ -27,7 +27,7 @@ import stat
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 
@@ -38,7 +38,7 @@ from ..model.prompt import MODES
 # The symbolic error codes both ends use; the language server maps each to an LSP code (errors.py).
 CODES = ("invalid_params", "invalid_position", "unknown_document", "infill_error", "unknown_method", "cancelled",
          "superseded", "busy", "too_large", "worker_unavailable", "worker_error", "model_error", "timeout",
-         "config_error", "protocol_error", "internal")
+         "config_error", "protocol_error", "unauthorized", "internal")
 
 
 class DlmError(Exception):
@@ -70,8 +70,43 @@ class DlmError(Exception):
         return cls("worker_error", str(err))
 
 
+# --------------------------------------------------------------------------- limits
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds on what anyone may ask for: the one place they live.
+
+    The worker enforces them on every request from any socket client (in `from_wire`, before the
+    engine allocates anything), the language server on its settings, the document store on what it
+    keeps. Each is far above any useful value and far below what would exhaust a machine's memory.
+    """
+
+    max_tokens: int = 1024  # the longest middle (and block) one request may ask for
+    max_canvas_length: int = 1024  # the longest canvas, in slots
+    max_canvas_lengths: int = 8  # canvas lengths refined together in one request
+    max_steps: int = 1024  # refinement steps per block
+    max_context_tokens: int = 16384  # the context budget: the RoPE tables of the shipped model (max_position)
+    max_holes: int = 8  # the hole tokens the vocabulary has (model/tokens.py MAX_HOLES)
+    max_frame_bytes: int = 8 << 20  # one worker frame: a 16k-character context each side is ~100 kB
+    max_message_bytes: int = 64 << 20  # one LSP message (Content-Length)
+    max_document_chars: int = 16 << 20  # one open document, in characters
+    hello_bytes: int = 4096  # the first frame of a TCP connection, before it has authenticated
+    hello_timeout_s: float = 10.0  # ... and how long it may take to come
+
+    def refuse(self, what: str, value: Any, limit: str, code: str = "invalid_params") -> DlmError:
+        """The error for `what` (a field, as the sender named it) being `value`, above the limit `limit`."""
+        return DlmError(code, f"{what} is {value}, above the limit {limit}={getattr(self, limit)}")
+
+    def check(self, what: str, value: Any, limit: str, code: str = "invalid_params") -> None:
+        if value > getattr(self, limit):
+            raise self.refuse(what, value, limit, code)
+
+
+LIMITS = Limits()
+
 REQUEST, RESPONSE, NOTIFY = 0, 1, 2
-MAX_FRAME_BYTES = 8 * 1024 * 1024  # a 16k-character context each side is ~100 kB; 8 MB is a bug or an attack
+MAX_FRAME_BYTES = LIMITS.max_frame_bytes
 DISCARD_LIMIT = 64 * MAX_FRAME_BYTES  # above this an oversized frame is not read and skipped: the link closes
 HEADER = struct.Struct(">I")
 SOCKET_PATH_MAX = 104  # sun_path is 108 bytes on Linux, 104 on macOS
@@ -105,7 +140,7 @@ class ProtocolError(DlmError):
 # --------------------------------------------------------------------------- typed messages
 
 PRIORITIES = ("normal", "low")  # low: the server's speculative suggestions, stepped only in idle turns
-METHODS = ("infill", "cancel", "warm", "status", "ping", "shutdown")
+METHODS = ("hello", "infill", "cancel", "warm", "status", "ping", "shutdown")
 
 
 def _text_list(value: Any, what: str, least: int) -> list[str]:
@@ -118,6 +153,51 @@ def _params(params: Any, method: str) -> dict[str, Any]:
     if not isinstance(params, dict):
         raise DlmError("invalid_params", f"{method} params must be a map")
     return params
+
+
+def _check_holes(segments: list[str]) -> None:
+    LIMITS.check("the number of holes", len(segments) - 1, "max_holes")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# The sampler settings a request may override (model/config.py SamplerConfig), each with the check
+# of its type and, for those that size an allocation, the limit it must stay under.
+OVERRIDES: dict[str, tuple[str, Callable[[Any], bool], str | None]] = {
+    "strategy": ("a string", lambda v: isinstance(v, str), None),
+    "threshold": ("a number", _is_number, None),
+    "max_steps": ("an integer", _is_int, "max_steps"),
+    "block_size": ("an integer", _is_int, "max_tokens"),
+    "max_tokens": ("an integer", _is_int, "max_tokens"),
+    "min_tokens": ("an integer", _is_int, "max_tokens"),
+    "temperature": ("a number", _is_number, None),
+    "seed": ("an integer from 0 to 2**63-1", lambda v: _is_int(v) and 0 <= v < 1 << 63, None),
+    "canvas_lengths": ("a list of integers", lambda v: isinstance(v, list) and all(map(_is_int, v)), None),
+}
+
+
+def check_overrides(overrides: dict[str, Any]) -> None:
+    """Types and limits of a request's sampler overrides; meaning (a threshold above 1) is the engine's."""
+    for key, value in overrides.items():
+        if key not in OVERRIDES:
+            raise DlmError("invalid_params", f"overrides.{key} is not a sampler setting; known: {', '.join(OVERRIDES)}")
+        if value is None:  # "the model's own value"
+            continue
+        kind, ok, limit = OVERRIDES[key]
+        if not ok(value):
+            raise DlmError("invalid_params", f"overrides.{key} must be {kind}, not {value!r}")
+        if limit is not None:
+            LIMITS.check(f"overrides.{key}", value, limit)
+    lengths = overrides.get("canvas_lengths") or []
+    LIMITS.check("the number of overrides.canvas_lengths", len(lengths), "max_canvas_lengths")
+    for i, n in enumerate(lengths):
+        LIMITS.check(f"overrides.canvas_lengths[{i}]", n, "max_canvas_length")
 
 
 @dataclass
@@ -145,9 +225,11 @@ class InfillRequest:
         mode = p.get("mode", "auto")
         if mode not in MODES:
             raise DlmError("invalid_params", f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        _check_holes(segments)
         overrides = p.get("overrides") or {}
         if not isinstance(overrides, dict):
             raise DlmError("invalid_params", "overrides must be a map of sampler settings")
+        check_overrides(overrides)
         priority = p.get("priority", "normal")
         if priority not in PRIORITIES:
             raise DlmError("invalid_params", f"priority must be one of {', '.join(PRIORITIES)}")
@@ -224,6 +306,7 @@ class WarmRequest:
     def from_wire(cls, params: Any) -> "WarmRequest":
         p = params if isinstance(params, dict) else {}
         segments = _text_list(p.get("segments"), "warm needs segments: a list of strings", 0)
+        _check_holes(segments)
         if not isinstance(p.get("cache_key"), str):
             raise DlmError("invalid_params", "warm needs a cache_key: the entry a later request will reuse")
         preamble = p.get("preamble") or ""
@@ -244,6 +327,25 @@ class CancelRequest:
         if not isinstance(params, dict) or "id" not in params:
             raise DlmError("invalid_params", "cancel needs {id: request id}")
         return cls(str(params["id"]))
+
+
+@dataclass
+class Hello:
+    """The first message on a TCP connection: the team's token, and who asks (named in the worker's status)."""
+
+    token: str
+    client: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, params: Any) -> "Hello":
+        p = params if isinstance(params, dict) else {}
+        token, client = p.get("token"), p.get("client", "")
+        if not isinstance(token, str) or not token:
+            raise DlmError("unauthorized", "hello needs {token: the team's token}")
+        return cls(token, client[:200] if isinstance(client, str) else "")
 
 
 # --------------------------------------------------------------------------- encoding
@@ -422,6 +524,79 @@ def alive(path: Path, timeout: float = 5.0) -> bool:
         return False
     finally:
         s.close()
+
+
+@dataclass(frozen=True)
+class WorkerAddress:
+    """Where a client finds its worker, from a URL: `unix:` (this user's own worker for the model and
+    device, started when needed), `unix:PATH`, or a team worker at `tcp://HOST:PORT` / `tls://HOST:PORT`."""
+
+    scheme: str  # unix | tcp | tls
+    path: str | None = None  # unix: the socket; None = the endpoint of the model and device
+    host: str = ""
+    port: int = 0
+
+    @property
+    def remote(self) -> bool:
+        return self.scheme != "unix"
+
+    @classmethod
+    def parse(cls, url: str | None) -> "WorkerAddress":
+        if not url or url == "unix:":
+            return cls("unix")
+        if url.startswith("unix:"):
+            path = url[len("unix:"):]
+            return cls("unix", path[2:] if path.startswith("///") else path)
+        scheme, sep, rest = url.partition("://")
+        if scheme not in ("tcp", "tls") or not sep:
+            raise DlmError("config_error", f"worker URL {url!r}: expected unix:, unix:PATH, tcp://HOST:PORT "
+                                           "or tls://HOST:PORT")
+        host, port = parse_host_port(rest.rstrip("/"), f"worker URL {url!r}")
+        return cls(scheme, None, host, port)
+
+    def __str__(self) -> str:
+        if self.remote:
+            return f"{self.scheme}://{'[' + self.host + ']' if ':' in self.host else self.host}:{self.port}"
+        return f"unix:{self.path or ''}"
+
+
+def parse_host_port(text: str, what: str) -> tuple[str, int]:
+    """HOST:PORT, or [IPv6]:PORT."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise DlmError("config_error", f"{what}: expected HOST:PORT (a port from 1 to 65535), not {text!r}")
+    return host, int(port)
+
+
+TOKEN_MIN_CHARS = 16
+
+
+def read_token_file(path: str | os.PathLike) -> str:
+    """The token in `path`, a file that must be the user's own with no group or other permissions."""
+    p = Path(path).expanduser()
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise DlmError("config_error", f"token file {p} does not exist") from None
+    except OSError as exc:
+        raise DlmError("config_error", f"cannot read token file {p}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise DlmError("config_error", f"token file {p} is not a regular file")
+        if st.st_uid != os.getuid():
+            raise DlmError("config_error", f"token file {p} belongs to another user; it must be your own, mode 0600")
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o077:
+            raise DlmError("config_error", f"token file {p} has mode {mode:04o}; it must be 0600 "
+                                           f"(readable by you alone): chmod 600 {p}")
+        token = f.read(LIMITS.hello_bytes).decode("utf-8", "replace").strip()
+    if len(token) < TOKEN_MIN_CHARS:
+        raise DlmError("config_error", f"token file {p} holds no token of at least {TOKEN_MIN_CHARS} characters; "
+                                       "make one: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    return token
 
 
 def default_model_dir() -> Path:

@@ -7,6 +7,13 @@ server's speculative suggestions) is stepped only in turns with no normal reques
 one down. All holes of a request are one job, refined together. The socket server (server.py) and
 the language server's `--in-process` backend both drive this class.
 
+Fairness between connections (the "owners" of requests): one owner may have at most
+`max_client_jobs` requests live; more wait in its own queue, up to `max_client_slots` canvas slots,
+and are started in turn with the other owners' waiting requests as live ones finish. So a client
+that sends fifty requests at once holds a few batch rows and waits, while another client's single
+request starts at once. Beyond its queue, or when the worker has `max_jobs` live, a request is
+answered "busy". `status()` has each owner's counts.
+
 It speaks the typed messages of protocol.py (an `InfillRequest` in, an `InfillReply` or a
 `DlmError` out, `StepUpdate`s between) and knows nothing of sockets, LSP or documents.
 """
@@ -53,13 +60,27 @@ class Request:
         return self.infill.priority == "low"
 
 
+@dataclass
+class Client:
+    """One owner's share: its waiting requests, and counts for the status."""
+
+    name: str
+    waiting: collections.deque = field(default_factory=collections.deque)
+    waiting_slots: int = 0
+    counters: collections.Counter = field(default_factory=collections.Counter)
+
+
 class Scheduler:
     """The Infiller on one thread, stepping every live request in one batch per step."""
 
     def __init__(self, model_dir: str | None, device: str = "auto", dtype: str | None = None,
                  max_jobs: int = WorkerConfig.max_jobs, max_context_tokens: int | None = None, infiller: Any = None,
-                 captured_step: bool = False):
+                 captured_step: bool = False, max_client_jobs: int = WorkerConfig.max_client_jobs,
+                 max_client_slots: int = WorkerConfig.max_client_slots):
         self.max_jobs = max_jobs
+        self.max_client_jobs = max_client_jobs
+        self.max_client_slots = max_client_slots
+        self.clients: dict[Any, Client] = {}  # by owner; only the scheduler thread touches it
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.live: list[Request] = []
         self.counters: collections.Counter[str] = collections.Counter()
@@ -143,23 +164,30 @@ class Scheduler:
                     self.live.clear()
                     return
                 self._handle(cmd)
+            self._start_waiting()
             if self.live:
                 self._step()
+                self._start_waiting()
 
     def _handle(self, cmd: tuple) -> None:
         kind = cmd[0]
         if kind == "submit":
-            self._start(cmd[1])
+            self._admit(cmd[1])
         elif kind == "cancel":
             _, owner, rid, done = cmd
             hit = [r for r in self.live if r.owner is owner and r.id == rid]
+            client = self.clients.get(owner)
+            if client is not None:
+                hit += [r for r in client.waiting if r.id == rid]
             for req in hit:
                 self._cancel(req, "cancelled by the client")
             if done is not None:
                 done({"cancelled": bool(hit)}, None)
         elif kind == "drop":
-            for req in [r for r in self.live if r.owner is cmd[1]]:
+            client = self.clients.get(cmd[1])
+            for req in [r for r in self.live if r.owner is cmd[1]] + list(client.waiting if client else ()):
                 self._cancel(req, "the client disconnected")
+            self.clients.pop(cmd[1], None)
         elif kind == "control":
             _, method, params, done = cmd
             try:
@@ -170,14 +198,63 @@ class Scheduler:
                 log.exception("%s failed", method)
                 done(None, DlmError("internal", f"{method} failed: {type(exc).__name__}: {exc}"))
 
+    def _client(self, owner: Any) -> Client:
+        client = self.clients.get(owner)
+        if client is None:
+            client = self.clients[owner] = Client(str(getattr(owner, "name", "") or f"client {len(self.clients) + 1}"))
+        return client
+
+    def _slots(self, req: Request) -> int:
+        """The canvas slots a request will hold in every batch: its canvas lengths, for each hole."""
+        lengths = req.infill.overrides.get("canvas_lengths") or getattr(getattr(self.inf, "defaults", None),
+                                                                       "canvas_lengths", None) or [1]
+        return sum(lengths) * max(1, len(req.infill.segments) - 1)
+
+    def _live_of(self, owner: Any) -> int:
+        return sum(1 for r in self.live if r.owner is owner)
+
+    def _admit(self, req: Request) -> None:
+        """Start `req`, or queue it behind its owner's live requests, or answer busy."""
+        self.counters["requests"] += 1
+        client = self._client(req.owner)
+        client.counters["requests"] += 1
+        if self._live_of(req.owner) >= self.max_client_jobs:
+            slots = self._slots(req)
+            if client.waiting_slots + slots <= self.max_client_slots:
+                client.waiting.append(req)
+                client.waiting_slots += slots
+                client.counters["queued"] += 1
+                return
+            self._busy(req, client, f"this client has {self.max_client_jobs} requests running and "
+                                    f"{client.waiting_slots} canvas slots waiting (the per-client limits); try again")
+            return
+        if len(self.live) >= self.max_jobs:
+            self._busy(req, client, f"the worker is serving {self.max_jobs} requests already; try again")
+            return
+        self._start(req)
+
+    def _busy(self, req: Request, client: Client, why: str) -> None:
+        self.counters["busy"] += 1
+        client.counters["busy"] += 1
+        req.done(None, DlmError("busy", why))
+
+    def _start_waiting(self) -> None:
+        """Start waiting requests, one per owner in turn, while there is room (round robin between owners)."""
+        while len(self.live) < self.max_jobs:
+            started = False
+            for owner, client in list(self.clients.items()):
+                if client.waiting and self._live_of(owner) < self.max_client_jobs and len(self.live) < self.max_jobs:
+                    req = client.waiting.popleft()
+                    client.waiting_slots -= self._slots(req)
+                    self._start(req)
+                    self.clients[owner] = self.clients.pop(owner)  # served: to the back of the line
+                    started = True
+            if not started:
+                return
+
     def _start(self, req: Request) -> None:
         from ..model.infill import InfillError
 
-        self.counters["requests"] += 1
-        if len(self.live) >= self.max_jobs:
-            self.counters["busy"] += 1
-            req.done(None, DlmError("busy", f"the worker is serving {self.max_jobs} requests already; try again"))
-            return
         p = req.infill
         req.started = time.perf_counter()
         try:
@@ -197,6 +274,9 @@ class Scheduler:
             req.done(None, DlmError("internal", f"infill failed: {type(exc).__name__}: {exc}"))
             return
         self.counters["jobs"] += 1  # one engine job per request, however many holes it has
+        client = self.clients.get(req.owner)
+        if client is not None:
+            client.counters["most_live"] = max(client.counters["most_live"], self._live_of(req.owner) + 1)
         self.counters["holes"] += len(p.segments) - 1
         log.debug("[%s] started: %d segments, %d chars, mode %s", req.id, len(p.segments),
                   sum(len(s) for s in p.segments), p.mode)
@@ -246,6 +326,8 @@ class Scheduler:
             req.done(None, DlmError("internal", f"infill failed: {type(exc).__name__}: {exc}"))
             return
         self.counters["completed"] += 1
+        if req.owner in self.clients:
+            self.clients[req.owner].counters["completed"] += 1
         queue_ms = (req.started - req.submitted) * 1000
         # Every candidate length's middles, best first: the server re-ranks them by how they parse.
         reply = InfillReply(list(res.middles), [list(c) for c in res.candidates], int(res.nfe), int(res.steps),
@@ -257,9 +339,14 @@ class Scheduler:
         req.done(reply, None)
 
     def _cancel(self, req: Request, why: str) -> None:
-        with contextlib.suppress(Exception):
-            req.job.cancel()
-        self.live.remove(req)
+        if req.job is None:  # still waiting its turn
+            client = self.clients[req.owner]
+            client.waiting.remove(req)
+            client.waiting_slots -= self._slots(req)
+        else:
+            with contextlib.suppress(Exception):
+                req.job.cancel()
+            self.live.remove(req)
         self.counters["cancelled"] += 1
         log.info("[%s] %s after %d steps", req.id, why, req.step)
         req.done(None, DlmError("cancelled", why))
@@ -283,4 +370,7 @@ class Scheduler:
         return {"pid": os.getpid(), "info": self.info, "cache": dict(self.inf.cache_stats()), "loads": self.loads,
                 "load_s": round(self.load_s, 3), "uptime_s": round(time.monotonic() - self.started_at, 3),
                 "live": len(self.live), "max_jobs": self.max_jobs, "max_batch": self.max_batch,
-                "counters": dict(self.counters)}
+                "counters": dict(self.counters), "max_client_jobs": self.max_client_jobs,
+                "max_client_slots": self.max_client_slots,
+                "clients": [{"client": c.name, "live": self._live_of(owner), "waiting": len(c.waiting),
+                             "waiting_slots": c.waiting_slots, **c.counters} for owner, c in self.clients.items()]}

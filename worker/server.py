@@ -1,10 +1,14 @@
 """The worker process: one resident model per (model folder, device) per user, shared by every editor.
 
 `WorkerServer` is an asyncio msgpack-RPC server (worker/protocol.py) on a Unix socket in a 0700
-directory, mode 0600, in front of one `Scheduler` (worker/scheduler.py). Methods: infill, cancel,
-warm, status, ping, shutdown. Bad frames, unknown methods and oversized payloads get error replies;
-a client that disconnects has its requests cancelled; the process exits after `--idle-timeout`
-seconds without a request. Its flags come from `WorkerConfig` (worker/config.py).
+directory, mode 0600, in front of one `Scheduler` (worker/scheduler.py). Methods: hello, infill,
+cancel, warm, status, ping, shutdown. Bad frames, unknown methods and oversized payloads get error
+replies; a client that disconnects has its requests cancelled; the process exits after
+`--idle-timeout` seconds without a request. Its flags come from `WorkerConfig` (worker/config.py).
+
+With `--listen HOST:PORT` it also serves a team on TCP (worker/team.py): each connection
+authenticates before its first request reaches the scheduler, `shutdown` is refused there, and the
+idle timeout does not apply (a team worker serves until it is stopped).
 
 It turns wire maps into typed messages and back; it knows nothing of LSP or documents, and of the
 model only through the scheduler.
@@ -23,20 +27,21 @@ from typing import Any, Callable
 
 from . import protocol
 from .config import WorkerConfig
-from .protocol import METHODS, CancelRequest, DlmError, InfillRequest, StepUpdate
+from .protocol import METHODS, CancelRequest, DlmError, InfillRequest, StepUpdate, WarmRequest
 from .scheduler import Done, Scheduler
+from .team import Refused, TeamListener
 
 log = logging.getLogger("dlm_ls.worker")
-
-
 
 
 class ClientLink:
     """One connected client; replies are written from the event loop thread only."""
 
-    def __init__(self, writer: asyncio.StreamWriter, peer: int):
+    def __init__(self, writer: asyncio.StreamWriter, peer: int, name: str = "", remote: bool = False):
         self.writer = writer
         self.peer = peer
+        self.name = name or f"local {peer}"  # how the scheduler's per-client counts name it
+        self.remote = remote  # a TCP connection (authenticated): no shutdown
 
     def send(self, message: list) -> None:
         if self.writer.is_closing():
@@ -64,8 +69,9 @@ class ClientLink:
 class WorkerServer:
     def __init__(self, scheduler: Scheduler, socket_path: Path, idle_timeout_s: float = WorkerConfig.idle_timeout_s,
                  max_frame_bytes: int = WorkerConfig.max_frame_bytes, pid_file: Path | None = None,
-                 spare: Any = None):
+                 team: TeamListener | None = None, spare: Any = None):
         self.scheduler = scheduler
+        self.team = team
         self.spare = spare  # standby.Standby: armed once the socket listens
         self.socket_path = socket_path
         self.pid_file = pid_file
@@ -102,6 +108,10 @@ class WorkerServer:
                 self.loop.add_signal_handler(sig, self._signalled, sig)
         log.info("worker pid %d listening on %s (idle timeout %g s)", os.getpid(), self.socket_path,
                  self.idle_timeout_s)
+        servers = [server]
+        if self.team is not None:
+            servers.append(await self.team.start(self._serve_remote, self.max_frame_bytes))
+            log.info("serving a team on %s; every connection authenticates first; no idle timeout", self.team.url)
         self.scheduler.start()
         try:
             tick = max(0.05, min(1.0, self.idle_timeout_s / 4))
@@ -111,15 +121,16 @@ class WorkerServer:
                 if self.stopping.is_set():
                     reason = getattr(self, "reason", reason)
                     break
-                if self.scheduler.idle_for() >= self.idle_timeout_s:
+                if self.team is None and self.scheduler.idle_for() >= self.idle_timeout_s:
                     reason = f"idle for {self.idle_timeout_s:g} s"
                     break
         finally:
-            server.close()
+            for srv in servers:
+                srv.close()
             for link in list(self.links):
                 link.writer.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 2.0)
+                await asyncio.wait_for(asyncio.gather(*(srv.wait_closed() for srv in servers)), 2.0)
             await self.loop.run_in_executor(None, self.scheduler.stop)
             self._remove_files()
         log.info("worker pid %d exiting: %s", os.getpid(), reason)
@@ -140,7 +151,31 @@ class WorkerServer:
 
     async def _serve_link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.peers += 1
-        link = ClientLink(writer, self.peers)
+        await self._serve(ClientLink(writer, self.peers), reader)
+
+    async def _serve_remote(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A TCP connection: its hello first; one that fails gets one error and is closed."""
+        self.peers += 1
+        where = writer.get_extra_info("peername") or ("?", 0)
+        address = f"{where[0]}:{where[1]}"
+        try:
+            msgid, hello = await self.team.authenticate(reader)
+        except Refused as exc:
+            log.warning("connection from %s refused: %s", address, exc)
+            error = exc.as_dict()
+            with contextlib.suppress(Exception):
+                writer.write(protocol.encode(protocol.response(exc.msgid, error, None) if exc.msgid is not None
+                                             else protocol.notification("error", error)))
+                await asyncio.wait_for(writer.drain(), 2.0)
+            writer.close()
+            return
+        link = ClientLink(writer, self.peers, f"{address} {hello.client}".strip(), remote=True)
+        log.info("client %d authenticated: %s", link.peer, link.name)
+        link.reply(msgid, {"pid": os.getpid(), "client": link.name})
+        await self._serve(link, reader)
+
+    async def _serve(self, link: ClientLink, reader: asyncio.StreamReader) -> None:
+        writer = link.writer
         self.links.add(link)
         try:
             while True:
@@ -194,14 +229,20 @@ class WorkerServer:
             elif method == "cancel":
                 self.scheduler.cancel(link, CancelRequest.from_wire(params).id, self._answer(link, msgid))
             elif method == "warm":
-                self.scheduler.control("warm", params, self._answer(link, msgid))
+                self.scheduler.control("warm", WarmRequest.from_wire(params), self._answer(link, msgid))
             elif method == "status":
                 def more(status: dict) -> dict:
                     return {**status, "socket": str(self.socket_path), "connections": len(self.links),
-                            "idle_timeout_s": self.idle_timeout_s, "spare_pid": getattr(self.spare, "pid", None)}
+                            "idle_timeout_s": None if self.team else self.idle_timeout_s,
+                            "listen": self.team.url if self.team else None,
+                            "spare_pid": getattr(self.spare, "pid", None)}
                 self.scheduler.control("status", {}, self._answer(link, msgid, more))
             elif method == "ping":
                 link.reply(msgid, {"pid": os.getpid()})
+            elif method == "hello":  # a TCP link said it first; on the Unix socket (0600) it proves nothing new
+                link.reply(msgid, {"pid": os.getpid(), "client": link.name})
+            elif method == "shutdown" and link.remote:
+                raise DlmError("unauthorized", "shutdown is refused over TCP: stop a team worker on its machine")
             elif method == "shutdown":
                 link.reply(msgid, {"stopping": True})
                 self.reason = "shutdown requested by a client"
@@ -222,8 +263,9 @@ def to_wire(reply: Any) -> Any:
 def main(argv: list[str] | None = None) -> int:
     cfg = WorkerConfig.from_argv(argv, description=(
         "Run the resident model worker. `dlm-ls serve` starts one when none is running for its "
-        "model and device, and later servers share it; start it by hand only to watch its log or "
-        "to keep a model loaded."))
+        "model and device, and later servers share it; start it by hand only to watch its log, "
+        "to keep a model loaded, or to serve a team with --listen (docs/team.md).")).checked()
+    team = TeamListener.from_config(cfg)  # before loading anything: a bad token file is refused at once
     logging.basicConfig(level=logging.DEBUG if cfg.debug else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s dlm-ls-worker[%(process)d] %(message)s")
     model_dir = protocol.resolve_model_dir(cfg.model)
@@ -248,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         spare = standby.start(sock)  # returns in the spare too, once its worker was killed and it takes over
     try:
         scheduler = Scheduler(str(model_dir), device=cfg.device, dtype=cfg.dtype, max_jobs=cfg.max_jobs,
-                              max_context_tokens=cfg.max_context_tokens, captured_step=cfg.captured_step)
-        server = WorkerServer(scheduler, sock, cfg.idle_timeout_s, cfg.max_frame_bytes, pid_file, spare)
+                              max_context_tokens=cfg.max_context_tokens, captured_step=cfg.captured_step,
+                              max_client_jobs=cfg.max_client_jobs, max_client_slots=cfg.max_client_slots)
+        server = WorkerServer(scheduler, sock, cfg.idle_timeout_s, cfg.max_frame_bytes, pid_file, team, spare)
         asyncio.run(server.run())
     finally:
         if spare is not None:
