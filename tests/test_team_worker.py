@@ -346,7 +346,8 @@ async def test_a_real_server_reconnects_after_the_team_worker_restarts(tiny_mode
 
     secret = token_file(tmp_path / "secret")
     port = free_port()
-    first = TeamWorker(tiny_model_dir, tmp_path / "w", port, "--token-file", str(secret))
+    # No spare: this is the worker going away for good (a restart by hand), not a crash its spare covers.
+    first = TeamWorker(tiny_model_dir, tmp_path / "w", port, "--token-file", str(secret), "--no-spare")
     env = {**worker_env(), "DLM_LS_RUNTIME_DIR": str(tmp_path / "run")}
     config = ClientServerConfig(server_command=[
         sys.executable, "-m", "dlm_ls.lsp_server.cli", "serve", "--worker", f"tcp://127.0.0.1:{port}",
@@ -372,7 +373,7 @@ async def test_a_real_server_reconnects_after_the_team_worker_restarts(tiny_mode
 
         assert len((await complete()).items) == 1
         first.stop(signal.SIGKILL)
-        second = TeamWorker(tiny_model_dir, tmp_path / "w", port, "--token-file", str(secret))
+        second = TeamWorker(tiny_model_dir, tmp_path / "w", port, "--token-file", str(secret), "--no-spare")
         for _ in range(20):  # the first call after the restart may still meet the dead connection
             with contextlib.suppress(Exception):
                 if len((await complete()).items) == 1:
@@ -393,3 +394,39 @@ async def test_a_real_server_reconnects_after_the_team_worker_restarts(tiny_mode
         first.stop()
         if second is not None:
             second.stop()
+
+
+async def test_a_killed_team_worker_is_replaced_by_its_spare_on_the_same_port(tiny_model_dir, tmp_path):
+    """kill -9 of a team worker: its standby spare (worker/standby.py) loads the model and listens on the
+    same TCP port with the same token, so the team's clients reconnect without anyone restarting it."""
+    secret = token_file(tmp_path / "secret")
+    port = free_port()
+    worker = TeamWorker(tiny_model_dir, tmp_path / "w", port, "--token-file", str(secret))
+    try:
+        link = await authed(port)
+        before = (await link.call("status")).result
+        spare = before["spare_pid"]
+        assert spare not in (None, worker.proc.pid) and before["listen"] == f"tcp://127.0.0.1:{port}"
+        link.close()
+        worker.stop(signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while True:  # the spare binds the port once its model is loaded
+            with contextlib.suppress(OSError, AssertionError, asyncio.TimeoutError):
+                link = await authed(port)
+                break
+            assert time.monotonic() < deadline, "the spare never served the team port"
+            await asyncio.sleep(0.1)
+        try:
+            reply = await link.call("infill", {"id": "after", "segments": SEGMENTS, "overrides": FAST})
+            assert reply.error is None and reply.result["nfe"] >= 1
+            after = (await link.call("status")).result
+            assert after["pid"] == spare and after["listen"] == before["listen"]
+            wrong = await Link.open(port)
+            assert (await wrong.call("hello", {"token": "not-the-token", "client": "test"})).error is not None
+            wrong.close()
+        finally:
+            link.close()
+    finally:
+        worker.stop()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(spare, signal.SIGTERM)  # the spare serves now; its own spare goes with it
