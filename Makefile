@@ -26,12 +26,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m dlm_ls.lsp_server.demo
 
+# pytest's own script, not `python -m pytest`: -m puts the checkout's root on sys.path, where our
+# top-level kernels/ folder shadows the `kernels` package that transformers imports.
+PYTEST := $(VENV)/bin/pytest
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PYTEST) -q
 
 # The fuzz suite at ten times its `make test` size (tests/test_fuzz.py, tests/test_protocol.py).
 fuzz: $(STAMP)
-	DLM_LS_FUZZ_EXAMPLES=60 $(PY) -m pytest -q tests/test_fuzz.py tests/test_protocol.py
+	DLM_LS_FUZZ_EXAMPLES=60 $(PYTEST) -q tests/test_fuzz.py tests/test_protocol.py
 
 # Every benchmark (quality, ratio, step, latency) on the CPU, or the GPU when present; then the
 # README's results table is regenerated from the JSON they write (never typed by hand).
