@@ -18,7 +18,7 @@ from lsprotocol import types as lsp
 
 from dlm_ls.worker.protocol import InfillRequest
 
-from tests.test_lsp_e2e import FAST, plain, session, stop_workers, utf16_position
+from test_lsp_e2e import FAST, plain, session, stop_workers, utf16_position
 
 SOURCE = "import os\n\n\ndef add(a, b):\n    return a\n"
 HELPERS = 'def clamp_value(value, lower, upper):\n    """Keep value within bounds."""\n    return max(lower, min(upper, value))\n'

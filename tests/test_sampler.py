@@ -175,7 +175,7 @@ def test_line_mode_stops_at_a_committed_newline():
 
 
 def test_temperature_zero_is_deterministic_and_sampling_is_seeded():
-    from tests.test_engine import random_context, tiny_model
+    from test_engine import random_context, tiny_model
 
     engine = Engine(tiny_model())
     greedy = [engine.run(engine.start(random_context(), SamplerConfig(max_tokens=8))).middles for _ in range(2)]
