@@ -55,6 +55,9 @@ PREAMBLE_MEMO = 64  # extra-context preambles remembered, by document, cursor li
 
 log = logging.getLogger("dlm_ls.server")
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+# The JSON-RPC id of the request being handled, as the client sent it (int or str): dlm/refinement
+# carries it, so a client can tell the steps of its current request from a late one's.
+message_id: contextvars.ContextVar[int | str | None] = contextvars.ContextVar("message_id", default=None)
 
 
 # --------------------------------------------------------------------------- the pipeline, as plain functions
@@ -529,8 +532,10 @@ class DlmServer(LanguageServer):
         return text, max_chars
 
     def _streamer(self, uri: str, rid: str) -> Callable[[dict], None]:
+        sent_id = message_id.get()
+
         def send(update: dict) -> None:
-            self.protocol.notify(REFINEMENT, {"uri": uri, "requestId": rid, "step": update.get("step"),
+            self.protocol.notify(REFINEMENT, {"uri": uri, "id": sent_id, "requestId": rid, "step": update.get("step"),
                                               "text": update.get("text"), "ms": update.get("ms")})
         return send
 
@@ -761,11 +766,13 @@ def lsp_errors(handler):
     async def wrapped(ls: DlmServer, params):
         msg_id = ls.protocol.msg_id
         token = request_id.set(f"r{msg_id}" if msg_id is not None else "-")
+        id_token = message_id.set(msg_id)
         try:
             return await handler(ls, params)
         except DlmError as exc:
             raise to_lsp(exc) from None
         finally:
+            message_id.reset(id_token)
             request_id.reset(token)
     return wrapped
 
