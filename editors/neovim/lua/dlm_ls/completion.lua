@@ -399,15 +399,6 @@ function M.attach(bufnr)
       on_change(bufnr)
     end,
   })
-  -- CursorMovedI does not fire while the menu is up; these do when it opens or changes.
-  api.nvim_create_autocmd({ 'CompleteChanged', 'TextChangedP' }, {
-    group = augroup,
-    buffer = bufnr,
-    callback = function()
-      M.cancel()
-      M.dismiss()
-    end,
-  })
   api.nvim_create_autocmd('CompleteDone', {
     group = augroup,
     buffer = bufnr,
@@ -420,7 +411,8 @@ function M.attach(bufnr)
       end)
     end,
   })
-  api.nvim_create_autocmd({ 'InsertLeave', 'BufLeave' }, {
+  -- Leaving, or the menu opening or changing (CursorMovedI does not fire while it is up).
+  api.nvim_create_autocmd({ 'InsertLeave', 'BufLeave', 'CompleteChanged', 'TextChangedP' }, {
     group = augroup,
     buffer = bufnr,
     callback = function()
