@@ -12,6 +12,8 @@ export interface Settings {
   device: 'auto' | 'cpu' | 'cuda';
   debounceMs: number;
   showRefinement: boolean;
+  /** More server settings (`dlm.extraSettings`), passed through as they are. */
+  extraSettings: Record<string, unknown>;
   enable: Record<string, boolean>;
 }
 
@@ -21,6 +23,7 @@ export const DEFAULTS: Settings = {
   device: 'auto',
   debounceMs: 50,
   showRefinement: false,
+  extraSettings: {},
   enable: { '*': true, plaintext: false, markdown: false, scminput: false },
 };
 
@@ -40,7 +43,13 @@ export function serverCommand(s: Settings): { command: string; args: string[] } 
  */
 export function serverSettings(s: Settings): Record<string, unknown> {
   // The server sends dlm/refinement steps only when asked to (showRefinement draws them).
-  return { model: s.model || null, device: s.device, debounceMs: 0, streamRefinement: s.showRefinement };
+  return {
+    ...s.extraSettings,
+    model: s.model || null,
+    device: s.device,
+    debounceMs: 0,
+    streamRefinement: s.showRefinement,
+  };
 }
 
 /**

@@ -62,6 +62,7 @@ function readSettings(): dlm.Settings {
     device: c.get('device', d.device),
     debounceMs: c.get('debounceMs', d.debounceMs),
     showRefinement: c.get('showRefinement', d.showRefinement),
+    extraSettings: c.get('extraSettings', d.extraSettings),
     enable: { ...d.enable, ...c.get('enable', {}) },
   };
 }
