@@ -164,8 +164,9 @@ class Editor:
         self.page.locator(".quick-input-list .monaco-list-row", has_text=title).first.wait_for(state="visible")
         self.page.keyboard.press("Enter")
 
-    def open(self, name: str, text: str) -> None:
-        (self.workspace / name).write_text(text)
+    def open(self, name: str) -> None:
+        """Open a file of the workspace (one given to session(): quick open lists the files it
+        found when first asked) with the cursor at its end."""
         self.page.keyboard.press("Control+p")
         box = self.page.locator(".quick-input-widget input")
         box.wait_for(state="visible")
@@ -181,8 +182,10 @@ class Editor:
         self.page.keyboard.press("Control+End")
 
     def saved(self, name: str) -> str:
+        """Save the active editor and read its file from disk."""
         self.page.keyboard.press("Control+s")
-        self.page.wait_for_timeout(300)
+        self.page.locator(".tab.active.dirty").wait_for(state="detached", timeout=10000)
+        self.page.wait_for_timeout(200)
         return (self.workspace / name).read_text()
 
     def model_calls(self) -> int:
@@ -209,8 +212,10 @@ class Editor:
 
 
 @contextlib.contextmanager
-def session(base: Path, model_dir: Path, settings: dict, artifacts: Path, viewport=(1100, 620)):
-    """code-server with the extension, `settings` over EDITOR_SETTINGS, the server on `model_dir`.
+def session(base: Path, model_dir: Path, settings: dict, files: dict[str, str], artifacts: Path,
+            viewport=(1100, 620)):
+    """code-server with the extension, `settings` over EDITOR_SETTINGS, the server on `model_dir`,
+    and a workspace folder holding `files` (name: text).
 
     Raises ui_env.Unavailable when a tool cannot be had. Logs (code-server, tap, server) are
     copied to `artifacts` at the end."""
@@ -221,6 +226,8 @@ def session(base: Path, model_dir: Path, settings: dict, artifacts: Path, viewpo
     workspace, data, extensions = base / "workspace", base / "data", base / "extensions"
     for d in (workspace, data / "User", data / "Machine", extensions):
         d.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (workspace / name).write_text(text)
     tap_log, server_log = base / "tap.jsonl", base / "server.log"
     server = base / "dlm-ls-tapped"
     server.write_text(f"#!/bin/sh\nexec {sys.executable} {TAP} {tap_log} -- {Path(sys.executable).parent / 'dlm-ls'} \"$@\"\n")

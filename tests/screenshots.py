@@ -49,8 +49,8 @@ TYPED = "print("
 def vscode(out: Path, work: Path) -> dict:
     """The VS Code picture; returns the request whose suggestion it shows (id, item, frames)."""
     with code_server.session(work, MODEL, {"dlm.showRefinement": True, "editor.fontSize": 15},
-                             work / "artifacts", viewport=(820, 330)) as editor:
-        editor.open("greet.py", SAMPLE)
+                             {"greet.py": SAMPLE}, work / "artifacts", viewport=(820, 330)) as editor:
+        editor.open("greet.py")
         editor.page.locator(".statusbar-item", has_text=" · cpu").first.wait_for(state="visible", timeout=120000)
         editor.page.keyboard.press("Control+b")  # the side bar off: the picture is the editor
         editor.focus()
@@ -60,7 +60,7 @@ def vscode(out: Path, work: Path) -> dict:
         editor.page.screenshot(path=str(out / "vscode-ghost-text.png"))
         rid, item = editor.tap.last_item()
         frames = [f for f in editor.tap.notifications("dlm/refinement") if f["id"] == rid]
-    return {"id": rid, "item": item, "frames": frames}
+    return {"id": rid, "item": item, "frames": frames, "typed": TYPED}
 
 
 def refinement_strip(out: Path, request: dict, max_rows: int = 9) -> None:
@@ -71,25 +71,30 @@ def refinement_strip(out: Path, request: dict, max_rows: int = 9) -> None:
     if len(frames) > max_rows:
         picks = sorted({round(i * (len(frames) - 1) / (max_rows - 1)) for i in range(max_rows)})
         frames = [frames[i] for i in picks]
-    rows = [(f"step {f['step']:>2}", f["text"][0].split("\n")[0]) for f in frames]
-    rows.append(("item   ", request["item"].split("\n")[0]))
-    font = ImageFont.truetype(str(FONT), 15)
-    cw, ch = font.getbbox("M")[2], 22
-    width = 24 + cw * (9 + max(len(r[1]) for r in rows))
-    img = Image.new("RGB", (width, 16 + ch * len(rows)), "#1f1f1f")
+    rows = [(f"step {f['step']}", f["text"][0].split("\n")[0]) for f in frames]
+    rows.append(("suggestion", request["item"].split("\n")[0]))
+    typed = request["typed"]
+    font = ImageFont.truetype(str(FONT), 18)
+    cw, ch = font.getbbox("M")[2], 28
+    label_w = 12
+    width = 32 + cw * (label_w + len(typed) + max(len(r[1]) for r in rows))
+    img = Image.new("RGB", (width, 20 + ch * len(rows)), "#1f1f1f")
     draw = ImageDraw.Draw(img)
     for i, (label, text) in enumerate(rows):
-        y = 8 + i * ch
-        draw.text((12, y), label, font=font, fill="#6e7681")
-        for j, c in enumerate(text):
-            colour = "#4a4a4a" if c == UNDECIDED else ("#d4d4d4" if i == len(rows) - 1 else "#9da5b4")
-            draw.text((12 + cw * (9 + j), y), c, font=font, fill=colour)
+        y = 10 + i * ch
+        draw.text((16, y), label, font=font, fill="#6e7681")
+        x = 16 + cw * label_w
+        draw.text((x, y), typed, font=font, fill="#d4d4d4")  # what the user typed
+        x += cw * len(typed)
+        for j, c in enumerate(text):  # ghost text: decided slots grey italic-ish, undecided dim
+            colour = "#4a4a4a" if c == UNDECIDED else "#9da5b4"
+            draw.text((x + cw * j, y), c, font=font, fill=colour)
     img.save(out / "refinement-strip.png", optimize=True)
 
 
 # --------------------------------------------------------------------------- Neovim in a pty
 
-COLS, ROWS = 82, 16
+COLS, ROWS = 72, 9
 # Neovim 0.11's default dark colours, for cells that keep the terminal's own.
 DEFAULT_FG, DEFAULT_BG = "#e0e2ea", "#14161b"
 NAMED = {"black": "#07080d", "red": "#ffc0b9", "green": "#b3f6c0", "brown": "#fce094", "yellow": "#fce094",
@@ -152,10 +157,15 @@ def neovim(out: Path, work: Path) -> None:
         os.write(master, b"2GA")  # the end of the indented line
         time.sleep(0.3)
         os.write(master, TYPED.encode())
-        deadline = time.monotonic() + 60
+        # Until the server is up (it loads the model) a keystroke asks nobody: ask again now and
+        # then, with a space typed and taken back.
+        deadline, nudge = time.monotonic() + 90, time.monotonic() + 5
         while time.monotonic() < deadline and not (state.exists() and state.read_text()):
             time.sleep(0.2)
-        if not state.read_text():
+            if time.monotonic() > nudge:
+                os.write(master, b" \x7f")
+                nudge = time.monotonic() + 5
+        if not (state.exists() and state.read_text()):
             raise SystemExit("Neovim showed no suggestion")
         time.sleep(0.8)  # let the last redraw arrive
         with lock:

@@ -36,13 +36,15 @@ MODEL = ROOT / "model" / "default"
 SERVER_SETTINGS = {"parseFilter": False, "speculative": False, "warm": False}
 # A cursor where the shipped model suggests more than one word: `print(` gets `None):`.
 BEFORE, TRIGGER, AFTER = "def greet(name):\n    ", "print(", "\n"
+HOLES = "def add(a, b):\n    return <|hole|>\n"
+FILES = {"example.py": "", "holes.py": HOLES}
 
 
 @pytest.fixture(scope="module")
 def editor(tmp_path_factory):
     try:
         with session(tmp_path_factory.mktemp("vscode-ui"), MODEL,
-                     {"dlm.debounceMs": 50, "dlm.extraSettings": SERVER_SETTINGS}, ARTIFACTS) as e:
+                     {"dlm.debounceMs": 50, "dlm.extraSettings": SERVER_SETTINGS}, FILES, ARTIFACTS) as e:
             yield e
     except ui_env.Unavailable as exc:
         pytest.skip(str(exc))
@@ -60,7 +62,7 @@ def suggest(editor, before: str = BEFORE, trigger: str = TRIGGER) -> str:
 
 
 def test_status_bar_shows_model_and_device(editor):
-    editor.open("example.py", "")
+    editor.open("example.py")
     item = editor.page.locator(".statusbar-item", has_text=f"{MODEL.name} · cpu")
     item.first.wait_for(state="visible", timeout=120000)
     editor.shot("status-bar")
@@ -150,8 +152,11 @@ def test_refinement_steps_are_drawn_in_order_then_the_item(editor):
     drawn = ["".join(r["text"] for r in runs) for runs in states]
     expected = [f["text"][0].split("\n")[0] + (" …" if "\n" in f["text"][0] else "") for f in frames]
     # What was drawn is the request's steps in order (a quick step may be painted over unseen).
+    # Each run is a decoration of its own, so a step may be caught half painted: its first runs.
+    whole = [d for d in drawn if d in expected]
     it = iter(expected)
-    assert drawn and all(d in it for d in drawn), (drawn, expected)
+    assert len(whole) >= 2 and all(d in it for d in whole), (drawn, expected)
+    assert all(any(e.startswith(d) for e in expected) for d in drawn), (drawn, expected)
     for runs in states:  # undecided slots dimmed, decided ones not
         for r in runs:
             assert (r["opacity"] < 1) == (set(r["text"]) <= {"\u2591", " ", "…"}), runs
@@ -187,7 +192,7 @@ def test_a_keystroke_clears_the_steps(editor):
 
 
 def test_fill_holes_applies_through_workspace_apply_edit(editor):
-    editor.open("holes.py", "def add(a, b):\n    return <|hole|>\n")
+    editor.open("holes.py")
     editor.command("dlm-ls: Fill Holes or Selection")
     edits = editor.wait(lambda: [m for m in editor.tap.messages()
                                  if m["from"] == "server" and m["msg"].get("method") == "workspace/applyEdit"],
