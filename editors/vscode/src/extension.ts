@@ -6,7 +6,7 @@
 // (editor.action.inlineSuggest.acceptNextWord / acceptNextLine); package.json binds the latter.
 // How to start the server and the custom requests live in ./dlm.ts, which knows nothing of VS Code.
 
-import { spawn } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import * as vscode from 'vscode';
 import {
   DidChangeConfigurationNotification,
@@ -28,6 +28,7 @@ let settings: dlm.Settings;
 let output: vscode.LogOutputChannel;
 let statusItem: StatusItem;
 let refinement: RefinementView;
+let serverProcess: ChildProcess | undefined;
 
 export async function activate(context: vscode.ExtensionContext): Promise<void> {
   settings = readSettings();
@@ -46,8 +47,28 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
   await start();
 }
 
-export function deactivate(): Thenable<void> | undefined {
-  return client?.stop();
+export async function deactivate(): Promise<void> {
+  await stopClient(client);
+}
+
+/** Stop a client, and its server process if it outlives the LSP exit (the client spawned it here). */
+async function stopClient(c: LanguageClient | undefined): Promise<void> {
+  const proc = serverProcess;
+  await c?.stop().catch(() => undefined);
+  const running = () => proc !== undefined && proc.exitCode === null && proc.signalCode === null;
+  if (running()) {
+    // A server exits by itself after `exit`; give it a moment before ending it.
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(resolve, 2000);
+      proc?.once('exit', () => {
+        clearTimeout(timer);
+        resolve();
+      });
+    });
+    if (running()) {
+      proc?.kill();
+    }
+  }
 }
 
 function readSettings(): dlm.Settings {
@@ -104,6 +125,7 @@ function serverOptions(command: string, args: string[]): ServerOptions {
   return () =>
     new Promise((resolve, reject) => {
       const child = spawn(command, args, { stdio: ['pipe', 'pipe', 'pipe'] });
+      serverProcess = child;
       child.stderr.on('data', (chunk: Buffer) => output.append(chunk.toString()));
       child.once('error', reject); // e.g. ENOENT: not installed
       child.once('spawn', () => {
@@ -163,9 +185,7 @@ async function start(): Promise<void> {
 async function restart(): Promise<void> {
   const old = client;
   client = undefined;
-  if (old) {
-    await old.stop().catch(() => undefined);
-  }
+  await stopClient(old);
   await start();
 }
 
