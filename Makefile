@@ -13,7 +13,7 @@ STAMP := $(VENV)/.dlm-ls-installed
 TORCH ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: demo test fuzz venv bench bench-startup bench-recovery bench-train train clean
+.PHONY: demo test test-vscode screenshots fuzz venv bench bench-startup bench-recovery bench-train train clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,17 @@ PYTEST := $(VENV)/bin/pytest
 
 test: $(STAMP)
 	$(PYTEST) -q
+
+# The VS Code extension inside a real VS Code (code-server in headless Chromium, tests/test_vscode_ui.py).
+# The first run sets up code-server, Node 24 and Playwright under .cache/editors-ui (minutes; needs
+# npm's registry, PyPI and /usr/bin/chromium); where one cannot be had it prints one line and skips.
+test-vscode: $(STAMP)
+	@if $(PY) tests/ui_env.py; then DLM_LS_VSCODE_UI=1 $(PYTEST) -q -p no:cacheprovider tests/test_vscode_ui.py; fi
+
+# docs/img/: VS Code and Neovim showing a suggestion of the shipped model, and its refinement
+# steps, each from a real run (tests/screenshots.py; the same tools as test-vscode).
+screenshots: $(STAMP)
+	@if $(PY) tests/ui_env.py; then $(PY) tests/screenshots.py docs/img; fi
 
 # The fuzz suite at ten times its `make test` size (tests/test_fuzz.py, tests/test_protocol.py).
 fuzz: $(STAMP)

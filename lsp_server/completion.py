@@ -31,7 +31,7 @@ from ..model.prompt import prompt_chars  # noqa: F401 (part of this module's voc
 from ..worker.protocol import DlmError, InfillReply, InfillRequest, StepUpdate
 from . import documents as D
 from .config import Settings
-from .logs import request_id
+from .logs import message_id, request_id
 from .policy import Speculation, context_key
 from .worker_client import Backend
 
@@ -334,10 +334,13 @@ def answered(ls: "DlmServer", out: Outcome) -> None:
 
 
 def streamer(ls: "DlmServer", uri: str, rid: str) -> Callable[[StepUpdate], None]:
-    """dlm/refinement notifications, one per refinement step."""
+    """dlm/refinement notifications, one per refinement step, each with the id of the request it
+    belongs to as the client sent it."""
+    sent_id = message_id.get()
+
     def send(update: StepUpdate) -> None:
-        ls.protocol.notify(REFINEMENT, {"uri": uri, "requestId": rid, "step": update.step, "text": update.text,
-                                        "ms": update.ms})
+        ls.protocol.notify(REFINEMENT, {"uri": uri, "id": sent_id, "requestId": rid, "step": update.step,
+                                        "text": update.text, "ms": update.ms})
     return send
 
 

@@ -13,6 +13,9 @@ from .config import Settings
 
 # The LSP request a log line belongs to ("r12"; a speculation "r12>spec3"); "-" outside any.
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+# The JSON-RPC id of the request being handled, as the client sent it (int or str): dlm/refinement
+# carries it, so a client can tell the steps of its current request from a late one's.
+message_id: contextvars.ContextVar[int | str | None] = contextvars.ContextVar("message_id", default=None)
 
 
 class _KnownErrorFilter(logging.Filter):

@@ -31,11 +31,11 @@ from . import completion as C
 from . import documents as D
 from . import fill as F
 from . import status as S
-from .completion import attach_syntax, request_id
+from .completion import attach_syntax
 from .config import Settings
 from .errors import DlmError, to_lsp
 from .fill import FILL, FILL_COMMAND
-from .logs import configure_logging, set_level
+from .logs import configure_logging, message_id, request_id, set_level
 from .policy import CompletionPolicy
 from .protocol import DlmProtocol, StreamError, read_messages
 from .worker_client import Backend, WorkerClient, in_thread, make_backend
@@ -144,11 +144,13 @@ def lsp_errors(handler):
     async def wrapped(ls: DlmServer, *params):
         msg_id = ls.protocol.msg_id
         token = request_id.set(f"r{msg_id}" if msg_id is not None else "-")
+        id_token = message_id.set(msg_id)
         try:
             return await handler(ls, *params)
         except DlmError as exc:
             raise to_lsp(exc) from None
         finally:
+            message_id.reset(id_token)
             request_id.reset(token)
     return wrapped
 

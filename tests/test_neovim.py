@@ -232,6 +232,55 @@ T.sleep(100)
 R.multi.still = require('dlm_ls').suggestion()
 R.multi.all = require('dlm_ls').accept()
 R.multi.after = { lines = T.lines(), cursor = T.cursor() }
+-- accept_word() takes the next word (pieces.next_word), <M-Right> too; the rest stays shown.
+client.request = function(self, method, params, handler, bufnr)
+  if method ~= 'textDocument/inlineCompletion' then
+    return request(self, method, params, handler, bufnr)
+  end
+  vim.schedule(function() handler(nil, { items = { { insertText = 'total(parts, 2)' } } }, {}) end)
+  return true, -1
+end
+require('dlm_ls').dismiss()
+T.input('<CR>n = ')
+R.word = { shown = T.wait_for(function() return require('dlm_ls').suggestion() == 'total(parts, 2)' end, 5000) }
+R.word.before = { lines = T.lines(), cursor = T.cursor() }
+R.word.first = require('dlm_ls').accept_word()
+R.word.after_first = { lines = T.lines(), suggestion = require('dlm_ls').suggestion() }
+T.input('<M-Right>')
+T.input('<M-Right>')
+R.word.after_keys = { lines = T.lines(), suggestion = require('dlm_ls').suggestion(), ghost = T.ghost() }
+
+-- While the popup menu is visible no suggestion is shown or asked for; when it closes
+-- (CompleteDone) the suggestion is asked for again and shown.
+local asked = 0
+client.request = function(self, method, params, handler, bufnr)
+  if method ~= 'textDocument/inlineCompletion' then
+    return request(self, method, params, handler, bufnr)
+  end
+  asked = asked + 1
+  vim.schedule(function() handler(nil, { items = { { insertText = '_after_menu' } } }, {}) end)
+  return true, -1
+end
+require('dlm_ls').dismiss()
+T.input('<Esc>')
+T.sleep(50)
+T.input('oalphabet_soup = 1<CR>alphabet_stew = 2<CR>alph')
+R.pum = { typed = T.wait_for(function() return require('dlm_ls').suggestion() ~= nil end, 5000) }
+T.input('<C-n>')
+R.pum.visible = T.wait_for(function() return vim.fn.pumvisible() == 1 end, 5000)
+asked = 0
+local seen = {}
+for _ = 1, 10 do
+  T.sleep(30)
+  table.insert(seen, { pum = vim.fn.pumvisible(), suggestion = require('dlm_ls').suggestion(), ghost = #T.ghost() })
+end
+T.input('<C-n>')  -- the next entry: the text changes while the menu is up
+T.sleep(200)
+table.insert(seen, { pum = vim.fn.pumvisible(), suggestion = require('dlm_ls').suggestion(), ghost = #T.ghost() })
+R.pum.seen, R.pum.asked_in_menu = seen, asked
+T.input('<C-y>')
+R.pum.back = T.wait_for(function() return require('dlm_ls').suggestion() ~= nil end, 5000)
+R.pum.after = { pum = vim.fn.pumvisible(), suggestion = require('dlm_ls').suggestion(), line = vim.api.nvim_get_current_line(), asked = asked }
 client.request, client.cancel_request = nil, nil
 
 vim.cmd('stopinsert')
@@ -341,6 +390,31 @@ def test_multi_line_suggestions_use_virtual_lines_and_accept_line(session):
     assert (m["after"]["lines"], m["after"]["cursor"]) == (lines, cursor)
 
 
+def test_accept_word_takes_one_word_at_a_time(session):
+    w = session["word"]
+    assert w["shown"] and w["first"] is True
+    row = w["before"]["cursor"][0] - 1
+    line = w["before"]["lines"][row]
+    assert w["after_first"]["lines"][row] == line + "total"
+    assert w["after_first"]["suggestion"] == "(parts, 2)"
+    # <M-Right> twice: "(" then "parts"; the rest stays on screen where the cursor is.
+    assert w["after_keys"]["lines"][row] == line + "total(parts"
+    assert w["after_keys"]["suggestion"] == ", 2)"
+    assert [m["text"] for m in w["after_keys"]["ghost"]] == [", 2)"]
+
+
+def test_no_suggestion_while_the_popup_menu_is_visible(session):
+    p = session["pum"]
+    assert p["typed"] and p["visible"], p
+    assert all(s["pum"] == 1 for s in p["seen"]), p["seen"]
+    assert all(s.get("suggestion") is None and s["ghost"] == 0 for s in p["seen"]), p["seen"]
+    assert p["asked_in_menu"] == 0
+    # After the menu closes (CompleteDone) it asks once and shows the suggestion again.
+    assert p["back"] and p["after"]["pum"] == 0
+    assert p["after"]["suggestion"] == "_after_menu" and p["after"]["asked"] == 1
+    assert p["after"]["line"].strip().startswith("alphabet_s")  # the menu did its job
+
+
 def test_status_command_reports_model_and_device(session):
     msg = session["status"]["msg"]
     assert "model:" in msg and "device: cpu" in msg, msg
@@ -415,3 +489,175 @@ def test_checkhealth_reports_a_missing_command(tmp_path):
                  "vim.cmd('checkhealth dlm_ls')\nR.health = vim.api.nvim_buf_get_lines(0, 0, -1, false)", timeout=60)
     health = "\n".join(r["health"])
     assert "ERROR" in health and "/nonexistent/dlm-ls" in health and "pip install dlm-ls" in health
+
+
+# --------------------------------------------------------------------------- the rules of partial accept
+
+PIECES = r"""
+local pieces = require('dlm_ls.pieces')
+R.words, R.lines, R.runs = {}, {}, {}
+for _, text in ipairs(vim.json.decode(vim.env.DLM_TEST_CASES)) do
+  table.insert(R.words, pieces.next_word(text))
+  table.insert(R.lines, pieces.next_line(text))
+  table.insert(R.runs, pieces.runs(text))
+  local rest, parts = text, {}
+  while rest ~= '' and #parts < 100 do
+    local w = pieces.next_word(rest)
+    assert(w ~= '', 'an empty word')
+    table.insert(parts, w)
+    rest = rest:sub(#w + 1)
+  end
+  R.rebuilt = R.rebuilt or {}
+  table.insert(R.rebuilt, table.concat(parts))
+end
+"""
+
+PIECE_CASES = [  # text, next word, next line
+    ("total(parts, 2)", "total", "total(parts, 2)"),
+    ("(parts, 2)", "(", "(parts, 2)"),
+    ("  return x\nelse:", "  return", "  return x"),
+    ("\n    return 1", "\n    ", "\n    return 1"),
+    ("ünïcode_name = 1", "ünïcode_name", "ünïcode_name = 1"),
+    ("   ", "   ", "   "),
+    ("x", "x", "x"),
+]
+
+
+def test_next_word_and_next_line_rules(tmp_path, monkeypatch):
+    monkeypatch.setenv("DLM_TEST_CASES", json.dumps([c[0] for c in PIECE_CASES]))
+    r = run_nvim(tmp_path, {"enabled": False}, PIECES, timeout=60)
+    assert r["words"] == [c[1] for c in PIECE_CASES]
+    assert r["lines"] == [c[2] for c in PIECE_CASES]
+    # Accepting word after word rebuilds the whole text, each piece not empty.
+    assert r["rebuilt"] == [c[0] for c in PIECE_CASES]
+
+
+def test_refinement_state_is_cut_into_decided_and_undecided_runs(tmp_path, monkeypatch):
+    cases = ["ab\u2591\u2591c", "\u2591\u2591\nx\u2591"]
+    monkeypatch.setenv("DLM_TEST_CASES", json.dumps(cases))
+    r = run_nvim(tmp_path, {"enabled": False}, PIECES, timeout=60)
+    assert r["runs"][0] == [[["ab", False], ["\u2591\u2591", True], ["c", False]]]
+    assert r["runs"][1] == [[["\u2591\u2591", True]], [["x", False], ["\u2591", True]]]
+
+
+# --------------------------------------------------------------------------- refinement drawn as it settles
+
+# Every state the plugin draws is logged (its chunks and highlight groups) together with the id of
+# the dlm/refinement step being handled (nil: the item), and every cancelled request id with
+# what was on screen at that moment.
+REFINE = r"""
+vim.cmd('edit refine.py')
+local client = T.client()
+assert(client, 'the dlm_ls client did not attach')
+local ns = vim.api.nvim_get_namespaces()['dlm_ls']
+R.log, R.frames, R.sent = {}, {}, {}
+local current = nil
+local on_step = client.handlers['dlm/refinement']
+client.handlers['dlm/refinement'] = function(err, params, ctx)
+  table.insert(R.frames, { id = params.id, step = params.step, text = params.text[1] })
+  current = params.id
+  on_step(err, params, ctx)
+  current = nil
+end
+local set_extmark = vim.api.nvim_buf_set_extmark
+vim.api.nvim_buf_set_extmark = function(buf, n, row, col, opts)
+  if n == ns then
+    local chunks = {}
+    for _, c in ipairs(opts.virt_text or {}) do table.insert(chunks, { c[1], c[2] }) end
+    for _, line in ipairs(opts.virt_lines or {}) do
+      table.insert(chunks, { '\n', '' })
+      for _, c in ipairs(line) do table.insert(chunks, { c[1], c[2] }) end
+    end
+    table.insert(R.log, { kind = 'draw', frame = current or vim.NIL, chunks = chunks })
+  end
+  return set_extmark(buf, n, row, col, opts)
+end
+local request, cancel_request = client.request, client.cancel_request
+client.request = function(self, method, params, handler, bufnr)
+  local ok, id = request(self, method, params, handler, bufnr)
+  if method == 'textDocument/inlineCompletion' then table.insert(R.sent, id) end
+  return ok, id
+end
+client.cancel_request = function(self, id)
+  table.insert(R.log, { kind = 'cancel', id = id, ghost = #T.ghost() })
+  return cancel_request(self, id)
+end
+
+local function frames_drawn()
+  local n = 0
+  for _, e in ipairs(R.log) do if e.kind == 'draw' and e.frame ~= vim.NIL then n = n + 1 end end
+  return n
+end
+
+-- A request whose steps are drawn, then its item.
+T.input('idef add(a, b):<CR>return a + b<CR><CR>x = ')
+R.first = T.wait_for(function() return require('dlm_ls').suggestion() ~= nil end, 30000)
+R.first_id = R.sent[#R.sent]
+R.suggestion = require('dlm_ls').suggestion()
+R.marker = #R.log
+
+-- A keystroke while steps are being drawn cancels the request and clears them; a late step of
+-- the cancelled request (played here by handing one to the handler) is never drawn.
+require('dlm_ls').dismiss()
+T.input('<CR>y = ')
+local before = frames_drawn()
+R.live = T.wait_for(function() return frames_drawn() > before end, 30000)
+vim.api.nvim_input('1')
+R.second = T.wait_for(function() return require('dlm_ls').suggestion() ~= nil end, 30000)
+for _, e in ipairs(R.log) do
+  if e.kind == 'cancel' then
+    local late = { id = e.id, step = 99, text = { 'LATE\u{2591}' }, uri = vim.uri_from_bufnr(0) }
+    client.handlers['dlm/refinement'](nil, late, { method = 'dlm/refinement', client_id = client.id })
+  end
+end
+R.final_ghost = T.ghost()
+"""
+
+
+@pytest.fixture(scope="module")
+def refinement(tiny_model_dir, tmp_path_factory) -> dict:
+    # One token decided per step over a 24-slot canvas: long enough to type into.
+    settings = {"maxTokens": 24, "canvasLengths": [24], "blockSize": 24, "maxSteps": 24, "threshold": 1.0,
+                "parseFilter": False, "speculative": False, "warm": False}
+    setup = {**server_setup(tiny_model_dir), "settings": settings, "show_refinement": True}
+    return run_nvim(tmp_path_factory.mktemp("nvim-refine"), setup, REFINE, timeout=150)
+
+
+def _drawn(refinement: dict, start: int = 0, end: int | None = None) -> list[dict]:
+    return [e for e in refinement["log"][start:end] if e["kind"] == "draw"]
+
+
+def test_refinement_steps_are_drawn_in_order_then_the_item(refinement):
+    assert refinement["first"], refinement["messages"]
+    rid = refinement["first_id"]
+    frames = [f for f in refinement["frames"] if f["id"] == rid]
+    assert len(frames) >= 2, refinement["frames"]
+    drawn = _drawn(refinement, 0, refinement["marker"])
+    mine = [d for d in drawn if d["frame"] == rid]
+    # Every step of the request in flight is drawn, in the order sent, as the server wrote it.
+    assert ["".join(c[0] for c in d["chunks"]) for d in mine] == [f["text"] for f in frames]
+    assert [f["step"] for f in frames] == sorted(f["step"] for f in frames)
+    undecided = [sum(len(c[0]) for c in d["chunks"] if c[1] == "DlmGhostTextUndecided") for d in mine]
+    assert undecided[0] > 0 and undecided == sorted(undecided, reverse=True), undecided  # it settles
+    for d in mine:  # the undecided slots, and only they, are dimmed
+        for text, hl in d["chunks"]:
+            assert (hl == "DlmGhostTextUndecided") == (set(text) == {"\u2591"}), d["chunks"]
+    # The item replaces the steps: the last state drawn is the suggestion, in the ghost-text colour.
+    last = drawn[-1]
+    assert last["frame"] is None and {c[1] for c in last["chunks"]} <= {"DlmGhostText", ""}
+    assert "".join(c[0] for c in last["chunks"]) == refinement["suggestion"]
+
+
+def test_a_keystroke_clears_the_steps_and_late_steps_are_never_drawn(refinement):
+    assert refinement["live"] and refinement["second"], refinement["messages"]
+    cancels = [e for e in refinement["log"] if e["kind"] == "cancel"]
+    assert cancels, "no request was cancelled"
+    # The steps were cleared by the time the request was cancelled.
+    assert all(e["ghost"] == 0 for e in cancels), cancels
+    # After a request is cancelled, no step of it is drawn: not the server's, not the late one.
+    for i, e in enumerate(refinement["log"]):
+        if e["kind"] == "cancel":
+            assert not [d for d in _drawn(refinement, i) if d["frame"] == e["id"]], e
+    assert any(f["text"] == "LATE\u2591" for f in refinement["frames"])
+    assert [m["text"] for m in refinement["final_ghost"]] != ["LATE\u2591"]
+    assert not [m for m in refinement["messages"] if m["level"] >= 4]

@@ -64,11 +64,12 @@ def test_every_setting_the_extension_reads_is_declared():
     source = (EXT / "src" / "extension.ts").read_text()
     read = {f"dlm.{key}" for key in re.findall(r"c\.get\('([\w.]+)'", source)}
     assert read and read <= set(props), read - set(props)
-    for key in ("dlm.server.path", "dlm.model", "dlm.device", "dlm.debounceMs", "dlm.enable"):
+    for key in ("dlm.server.path", "dlm.model", "dlm.device", "dlm.debounceMs", "dlm.enable", "dlm.showRefinement"):
         assert key in props and "default" in props[key]
     commands = {c["command"] for c in json.loads((EXT / "package.json").read_text())["contributes"]["commands"]}
     registered = set(re.findall(r"registerCommand\('([\w.]+)'", source))
-    assert commands == registered == {"dlm.fill", "dlm.restart", "dlm.showStatus"}
+    # Not "dlm.fill": the language client registers the server's own dlm.fill command under that name.
+    assert commands == registered == {"dlm.fillHoles", "dlm.restart", "dlm.showStatus"}
 
 
 def test_client_logic_against_the_real_server(installed, tiny_model_dir):

@@ -2,7 +2,7 @@
 // takes, and its custom `dlm/*` requests. No `vscode` import here, so the Node tests use this
 // file exactly as the extension does.
 
-import { RequestType } from 'vscode-languageserver-protocol';
+import { NotificationType, RequestType } from 'vscode-languageserver-protocol';
 import type { Range, TextDocumentIdentifier, TextEdit } from 'vscode-languageserver-protocol';
 
 /** The `dlm.*` settings, as declared in package.json. */
@@ -11,6 +11,9 @@ export interface Settings {
   model: string;
   device: 'auto' | 'cpu' | 'cuda';
   debounceMs: number;
+  showRefinement: boolean;
+  /** More server settings (`dlm.extraSettings`), passed through as they are. */
+  extraSettings: Record<string, unknown>;
   enable: Record<string, boolean>;
 }
 
@@ -19,6 +22,8 @@ export const DEFAULTS: Settings = {
   model: '',
   device: 'auto',
   debounceMs: 50,
+  showRefinement: false,
+  extraSettings: {},
   enable: { '*': true, plaintext: false, markdown: false, scminput: false },
 };
 
@@ -37,7 +42,14 @@ export function serverCommand(s: Settings): { command: string; args: string[] } 
  * request is cancelled through VS Code's token before it is sent), so the server need not wait again.
  */
 export function serverSettings(s: Settings): Record<string, unknown> {
-  return { model: s.model || null, device: s.device, debounceMs: 0 };
+  // The server sends dlm/refinement steps only when asked to (showRefinement draws them).
+  return {
+    ...s.extraSettings,
+    model: s.model || null,
+    device: s.device,
+    debounceMs: 0,
+    streamRefinement: s.showRefinement,
+  };
 }
 
 /**
@@ -84,6 +96,46 @@ export function debounce(ms: number, token: Token): Promise<boolean> {
   });
 }
 
+// --- refinement steps ------------------------------------------------------------------------
+
+/** `dlm/refinement`: one step of a request; `id` is the JSON-RPC id the request was sent with. */
+export interface RefinementParams {
+  uri: string;
+  id: number | string | null;
+  step: number;
+  /** Per hole, the text so far; undecided slots are UNDECIDED. */
+  text: string[];
+}
+
+export const RefinementNotification = new NotificationType<RefinementParams>('dlm/refinement');
+
+/** How the server draws a slot the model has not decided yet (model/infill.py MASK_GLYPH). */
+export const UNDECIDED = '\u2591';
+
+/** One run of a refinement state: its text, and whether its slots are still undecided. */
+export interface Run {
+  text: string;
+  undecided: boolean;
+}
+
+/**
+ * What VS Code can draw of a refinement state at the cursor: its first line cut into runs of
+ * decided and undecided slots (a decoration is one line; `…` marks lines that follow).
+ */
+export function refinementRuns(state: string): Run[] {
+  const [first, ...rest] = state.split('\n');
+  const runs: Run[] = [];
+  for (const part of first.split(/(\u2591+)/)) {
+    if (part) {
+      runs.push({ text: part, undecided: part.startsWith(UNDECIDED) });
+    }
+  }
+  if (rest.length > 0) {
+    runs.push({ text: ' …', undecided: true });
+  }
+  return runs;
+}
+
 // --- custom requests -------------------------------------------------------------------------
 
 export interface FillParams {
@@ -97,6 +149,17 @@ export interface FillResult {
 }
 
 export const FillRequest = new RequestType<FillParams, FillResult, void>('dlm/fill');
+
+/** The server's `dlm.fill` command (workspace/executeCommand): fills, then applies the edits
+ * through workspace/applyEdit. The extension's own command has another name (`dlm.fillHoles`):
+ * the language client registers the server's commands in VS Code under their own names. */
+export const FILL_COMMAND = 'dlm.fill';
+
+/** What the `dlm.fill` command answers: the edits, and whether the client applied them. */
+export interface FillCommandResult extends FillResult {
+  applied: boolean;
+  holes?: number;
+}
 
 /** `dlm/status`: what the server reports about itself (abridged; the rest is shown as it comes). */
 export interface Status {

@@ -1,19 +1,25 @@
 // The VS Code client of dlm-ls. It starts `dlm-ls serve` through vscode-languageclient, whose
 // inline-completion feature turns the server's items into ghost text, and adds what the generic
-// client cannot know: a debounce and a per-language switch (middleware), a status-bar item with a
-// spinner, and commands to fill holes, restart the server and show its status.
+// client cannot know: a debounce and a per-language switch (middleware), the refinement drawn as
+// it settles (dlm.showRefinement), a status-bar item with a spinner, and commands to fill holes,
+// restart the server and show its status. Word and line accept are VS Code's own
+// (editor.action.inlineSuggest.acceptNextWord / acceptNextLine); package.json binds the latter.
 // How to start the server and the custom requests live in ./dlm.ts, which knows nothing of VS Code.
 
+import { type ChildProcess, spawn } from 'node:child_process';
 import * as vscode from 'vscode';
 import {
   DidChangeConfigurationNotification,
+  ExecuteCommandRequest,
   InlineCompletionRequest,
   LanguageClient,
   LanguageClientOptions,
+  Message,
   Middleware,
   ServerOptions,
   State,
-  TransportKind,
+  StreamMessageReader,
+  StreamMessageWriter,
 } from 'vscode-languageclient/node';
 import * as dlm from './dlm';
 
@@ -21,15 +27,19 @@ let client: LanguageClient | undefined;
 let settings: dlm.Settings;
 let output: vscode.LogOutputChannel;
 let statusItem: StatusItem;
+let refinement: RefinementView;
+let serverProcess: ChildProcess | undefined;
 
 export async function activate(context: vscode.ExtensionContext): Promise<void> {
   settings = readSettings();
   output = vscode.window.createOutputChannel('dlm-ls', { log: true });
   statusItem = new StatusItem();
+  refinement = new RefinementView();
   context.subscriptions.push(
     output,
     statusItem,
-    vscode.commands.registerCommand('dlm.fill', fill),
+    refinement,
+    vscode.commands.registerCommand('dlm.fillHoles', fill),
     vscode.commands.registerCommand('dlm.restart', restart),
     vscode.commands.registerCommand('dlm.showStatus', showStatus),
     vscode.workspace.onDidChangeConfiguration(onConfigurationChanged),
@@ -37,8 +47,28 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
   await start();
 }
 
-export function deactivate(): Thenable<void> | undefined {
-  return client?.stop();
+export async function deactivate(): Promise<void> {
+  await stopClient(client);
+}
+
+/** Stop a client, and its server process if it outlives the LSP exit (the client spawned it here). */
+async function stopClient(c: LanguageClient | undefined): Promise<void> {
+  const proc = serverProcess;
+  await c?.stop().catch(() => undefined);
+  const running = () => proc !== undefined && proc.exitCode === null && proc.signalCode === null;
+  if (running()) {
+    // A server exits by itself after `exit`; give it a moment before ending it.
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(resolve, 2000);
+      proc?.once('exit', () => {
+        clearTimeout(timer);
+        resolve();
+      });
+    });
+    if (running()) {
+      proc?.kill();
+    }
+  }
 }
 
 function readSettings(): dlm.Settings {
@@ -52,6 +82,8 @@ function readSettings(): dlm.Settings {
     model: c.get('model', d.model),
     device: c.get('device', d.device),
     debounceMs: c.get('debounceMs', d.debounceMs),
+    showRefinement: c.get('showRefinement', d.showRefinement),
+    extraSettings: c.get('extraSettings', d.extraSettings),
     enable: { ...d.enable, ...c.get('enable', {}) },
   };
 }
@@ -75,13 +107,43 @@ const middleware: Middleware = {
     }
     // The editor's token goes through to the request: on cancellation the client sends
     // $/cancelRequest, and the server drops the request between refinement steps.
-    return statusItem.track(async () => next(document, position, context, token));
+    const ask = refinement.begin(document, position, token);
+    try {
+      return await statusItem.track(async () => next(document, position, context, token));
+    } finally {
+      refinement.end(ask); // the item (or nothing) replaces the steps
+    }
   },
 };
 
+/**
+ * Starts `dlm-ls serve` with a writer that sees each request as it goes out: the refinement view
+ * needs the JSON-RPC id of its inline-completion request, which `dlm/refinement` steps carry and
+ * the language client does not expose.
+ */
+function serverOptions(command: string, args: string[]): ServerOptions {
+  return () =>
+    new Promise((resolve, reject) => {
+      const child = spawn(command, args, { stdio: ['pipe', 'pipe', 'pipe'] });
+      serverProcess = child;
+      child.stderr.on('data', (chunk: Buffer) => output.append(chunk.toString()));
+      child.once('error', reject); // e.g. ENOENT: not installed
+      child.once('spawn', () => {
+        class SeenWriter extends StreamMessageWriter {
+          override write(msg: Message): Promise<void> {
+            if (Message.isRequest(msg) && msg.id !== null && msg.method === InlineCompletionRequest.method) {
+              refinement.sent(msg.id, msg.params as { textDocument: { uri: string }; position: vscode.Position });
+            }
+            return super.write(msg);
+          }
+        }
+        resolve({ reader: new StreamMessageReader(child.stdout), writer: new SeenWriter(child.stdin) });
+      });
+    });
+}
+
 async function start(): Promise<void> {
   const { command, args } = dlm.serverCommand(settings);
-  const serverOptions: ServerOptions = { command, args, transport: TransportKind.stdio };
   const clientOptions: LanguageClientOptions = {
     documentSelector: [{ scheme: 'file' }, { scheme: 'untitled' }],
     initializationOptions: dlm.serverSettings(settings),
@@ -89,7 +151,8 @@ async function start(): Promise<void> {
     middleware,
     connectionOptions: { maxRestartCount: 2 },
   };
-  const c = new LanguageClient('dlm', 'dlm-ls', serverOptions, clientOptions);
+  const c = new LanguageClient('dlm', 'dlm-ls', serverOptions(command, args), clientOptions);
+  c.onNotification(dlm.RefinementNotification, (params) => refinement.step(params));
   // vscode-languageclient 10.1 and later register inline completion by default; before that
   // it was a proposed feature that had to be asked for.
   if (c.getFeature(InlineCompletionRequest.method) === undefined) {
@@ -122,9 +185,7 @@ async function start(): Promise<void> {
 async function restart(): Promise<void> {
   const old = client;
   client = undefined;
-  if (old) {
-    await old.stop().catch(() => undefined);
-  }
+  await stopClient(old);
   await start();
 }
 
@@ -144,7 +205,11 @@ function onConfigurationChanged(e: vscode.ConfigurationChangeEvent): void {
 
 // --- commands ------------------------------------------------------------------------------
 
-/** Fills the selection, or every hole marker in the document when nothing is selected. */
+/**
+ * Fills the selection, or every hole marker in the document when nothing is selected: the
+ * server's `dlm.fill` command computes the edits and applies them through workspace/applyEdit
+ * (so they land as one undo step, and only if the document is still the one it filled).
+ */
 async function fill(): Promise<void> {
   const editor = vscode.window.activeTextEditor;
   const c = client;
@@ -157,12 +222,14 @@ async function fill(): Promise<void> {
   if (!editor.selection.isEmpty) {
     params.range = c.code2ProtocolConverter.asRange(editor.selection);
   }
-  const version = doc.version;
-  let result: dlm.FillResult;
+  let result: dlm.FillCommandResult;
   try {
     result = await vscode.window.withProgress(
       { location: vscode.ProgressLocation.Notification, title: 'dlm-ls: filling…', cancellable: true },
-      (_progress, token) => statusItem.track(() => c.sendRequest(dlm.FillRequest, params, token)),
+      (_progress, token) =>
+        statusItem.track(() =>
+          c.sendRequest(ExecuteCommandRequest.type, { command: dlm.FILL_COMMAND, arguments: [params] }, token),
+        ),
     );
   } catch (err) {
     if (!isCancellation(err)) {
@@ -172,15 +239,9 @@ async function fill(): Promise<void> {
   }
   if (!result?.edits?.length) {
     void vscode.window.showInformationMessage('dlm-ls: nothing to fill (select code, or mark holes with <|hole|>).');
-    return;
-  }
-  if (doc.version !== version) {
+  } else if (!result.applied) {
     void vscode.window.showWarningMessage('dlm-ls: the document changed while filling; nothing applied.');
-    return;
   }
-  const edit = new vscode.WorkspaceEdit();
-  edit.set(doc.uri, await c.protocol2CodeConverter.asTextEdits(result.edits));
-  await vscode.workspace.applyEdit(edit);
 }
 
 async function showStatus(): Promise<void> {
@@ -247,6 +308,148 @@ class StatusItem implements vscode.Disposable {
 
   private render(): void {
     this.item.text = `${this.pending > 0 ? '$(loading~spin)' : '$(sparkle)'} ${this.label}`;
+  }
+}
+
+// --- refinement as it settles --------------------------------------------------------------
+
+/** The request in flight whose steps may be drawn: where it was asked, and its id once sent. */
+interface Ask {
+  document: vscode.TextDocument;
+  version: number;
+  position: vscode.Position;
+  token: vscode.CancellationToken;
+  id?: number | string;
+}
+
+/**
+ * Draws the `dlm/refinement` steps of the inline-completion request in flight at its cursor, the
+ * undecided slots dimmed, until its item comes back (VS Code then shows it as ghost text) or a
+ * keystroke cancels it. Steps of any other request, a cancelled one included, are never drawn:
+ * a step is drawn only when its id is the id the current request was sent with.
+ *
+ * Each run of the state is one `after` decoration at the cursor. VS Code draws several at one
+ * position in the order of their decoration types' keys as strings, so each run index gets a
+ * type of its own, taken in that order.
+ */
+class RefinementView implements vscode.Disposable {
+  private readonly types: vscode.TextEditorDecorationType[] = [];
+  private current: Ask | undefined;
+  private drawnIn: vscode.TextEditor | undefined;
+  private readonly subscriptions: vscode.Disposable[];
+
+  constructor() {
+    const clearIfMoved = (doc: vscode.TextDocument) => {
+      if (this.current?.document === doc && doc.version !== this.current.version) {
+        this.clear();
+      }
+    };
+    this.subscriptions = [
+      vscode.workspace.onDidChangeTextDocument((e) => clearIfMoved(e.document)),
+      vscode.window.onDidChangeTextEditorSelection((e) => {
+        const at = this.current?.position;
+        if (this.drawnIn === e.textEditor && !(at && e.selections[0]?.active.isEqual(at))) {
+          this.clear(); // the cursor moved away from where the steps are drawn
+        }
+      }),
+    ];
+  }
+
+  begin(document: vscode.TextDocument, position: vscode.Position, token: vscode.CancellationToken): Ask | undefined {
+    this.clear();
+    if (!settings.showRefinement) {
+      this.current = undefined;
+      return undefined;
+    }
+    const ask: Ask = { document, version: document.version, position, token };
+    this.current = ask;
+    token.onCancellationRequested(() => {
+      if (this.current === ask) {
+        this.current = undefined;
+        this.clear(); // a keystroke cancelled it: its steps go at once
+      }
+    });
+    return ask;
+  }
+
+  /** A request written to the server: the current one, when document and position match. */
+  sent(id: number | string, params: { textDocument: { uri: string }; position: { line: number; character: number } }): void {
+    const ask = this.current;
+    if (
+      ask &&
+      ask.id === undefined &&
+      params.textDocument.uri === ask.document.uri.toString() &&
+      params.position.line === ask.position.line &&
+      params.position.character === ask.position.character
+    ) {
+      ask.id = id;
+    }
+  }
+
+  end(ask: Ask | undefined): void {
+    if (ask && this.current === ask) {
+      this.current = undefined;
+      this.clear();
+    }
+  }
+
+  step(params: dlm.RefinementParams): void {
+    const ask = this.current;
+    const editor = vscode.window.activeTextEditor;
+    if (
+      !ask ||
+      ask.id === undefined ||
+      params.id !== ask.id ||
+      ask.token.isCancellationRequested ||
+      ask.document.version !== ask.version ||
+      editor?.document !== ask.document
+    ) {
+      return;
+    }
+    const runs = dlm.refinementRuns(params.text?.[0] ?? '');
+    while (this.types.length < runs.length) {
+      this.types.push(vscode.window.createTextEditorDecorationType({}));
+      this.types.sort((a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0));
+    }
+    const at = new vscode.Range(ask.position, ask.position);
+    const ghost = new vscode.ThemeColor('editorGhostText.foreground');
+    this.types.forEach((type, i) => {
+      const run = runs[i];
+      const options: vscode.DecorationOptions[] = run
+        ? [
+            {
+              range: at,
+              renderOptions: {
+                after: {
+                  contentText: run.text,
+                  color: ghost,
+                  fontStyle: 'italic',
+                  // Undecided slots dimmed (the decoration API has no opacity of its own).
+                  textDecoration: run.undecided ? 'none; opacity: 0.4' : 'none',
+                },
+              },
+            },
+          ]
+        : [];
+      editor.setDecorations(type, options);
+    });
+    this.drawnIn = editor;
+  }
+
+  clear(): void {
+    const editor = this.drawnIn;
+    this.drawnIn = undefined;
+    if (editor) {
+      for (const type of this.types) {
+        editor.setDecorations(type, []);
+      }
+    }
+  }
+
+  dispose(): void {
+    this.clear();
+    this.types.forEach((t) => t.dispose());
+    this.subscriptions.forEach((d) => d.dispose());
   }
 }
 

@@ -114,10 +114,25 @@ describe('dlm.ts', () => {
   test('the server pulls the settings the extension sends, never client-only ones', () => {
     const s = { ...settings, debounceMs: 75, model: '/models/x' };
     assert.deepEqual(dlm.configurationAnswer([{ section: 'dlm' }, { section: 'python' }, {}], s), [
-      { model: '/models/x', device: s.device, debounceMs: 0 },
+      { model: '/models/x', device: s.device, debounceMs: 0, streamRefinement: false },
       null,
       null,
     ]);
+  });
+
+  test('a refinement state is cut into decided and undecided runs, its first line only', () => {
+    const u = dlm.UNDECIDED;
+    assert.deepEqual(dlm.refinementRuns(`ab${u}${u}c`), [
+      { text: 'ab', undecided: false },
+      { text: `${u}${u}`, undecided: true },
+      { text: 'c', undecided: false },
+    ]);
+    assert.deepEqual(dlm.refinementRuns(`${u}x\ny`), [
+      { text: u, undecided: true },
+      { text: 'x', undecided: false },
+      { text: ' …', undecided: true },
+    ]);
+    assert.deepEqual(dlm.refinementRuns(''), []);
   });
 
   test('statusLine shows the model folder name and the device', () => {

@@ -2,11 +2,17 @@
 --- cursor shows a suggestion (inline virtual text for its first line, virtual lines for the
 --- rest); requests go out after a debounce, and a new keystroke cancels the one in flight
 --- (Neovim does not cancel superseded requests by itself). Typing the suggestion's next
---- characters keeps it on screen without a new request.
+--- characters keeps it on screen without a new request. Nothing is shown while the popup menu
+--- is (pumvisible()); the suggestion is asked for again when it closes (CompleteDone).
+--- With `show_refinement`, the `dlm/refinement` steps of the request in flight are drawn in the
+--- same place, undecided slots dimmed, until the item replaces them; steps of any other request
+--- (one a keystroke cancelled) are never drawn.
 ---
---- Verbs: attach, schedule, cancel, accept, accept_line, dismiss, suggestion.
+--- Verbs: attach, schedule, cancel, accept, accept_word, accept_line, dismiss, suggestion,
+--- on_refinement.
 
 local config = require('dlm_ls.config')
+local pieces = require('dlm_ls.pieces')
 local server = require('dlm_ls.server')
 local api = vim.api
 
@@ -30,8 +36,21 @@ local TRIGGER_AUTOMATIC = 2 -- lsp.InlineCompletionTriggerKind.Automatic
 ---@field tick integer the buffer's changedtick when it was shown
 local shown = nil ---@type dlm_ls.Shown?
 
---- The request in flight; `seq` tells its answer from a superseded one's.
-local pending = nil ---@type { client: vim.lsp.Client, id: integer, seq: integer }?
+--- The request in flight; `seq` tells its answer from a superseded one's. `id` is the JSON-RPC
+--- id it was sent with, which its `dlm/refinement` steps carry; buffer, tick and cursor say
+--- where its steps may be drawn.
+---@class dlm_ls.Pending
+---@field client vim.lsp.Client
+---@field id integer
+---@field seq integer
+---@field bufnr integer
+---@field tick integer
+---@field row integer
+---@field col integer
+local pending = nil ---@type dlm_ls.Pending?
+
+--- The buffer where a refinement step is drawn, while one is.
+local refining = nil ---@type integer?
 local seq = 0
 
 --- Buffer, changedtick and cursor of the last scheduled request: one keystroke fires both
@@ -52,6 +71,10 @@ local function in_insert_mode()
   return api.nvim_get_mode().mode:sub(1, 1) == 'i'
 end
 
+local function menu_visible()
+  return vim.fn.pumvisible() == 1
+end
+
 ---@param bufnr integer
 ---@param pos lsp.Position
 ---@param encoding string
@@ -60,22 +83,75 @@ local function byte_col(bufnr, pos, encoding)
   return vim.str_byteindex(line, encoding, pos.character, false)
 end
 
-local function render()
-  local s = assert(shown)
-  api.nvim_buf_clear_namespace(s.bufnr, ns, 0, -1)
-  local hl = config.options.hl_group
-  local text = s.text:gsub('\t', string.rep(' ', vim.bo[s.bufnr].tabstop))
-  local lines = vim.split(text, '\n', { plain = true })
-  local virt_lines = {}
-  for i = 2, #lines do
-    virt_lines[#virt_lines + 1] = { { lines[i], hl } }
+--- Draw lines of `{ text, hl }` chunks at (row, col): the first inline, the rest as virtual lines.
+local function draw(bufnr, row, col, lines)
+  api.nvim_buf_clear_namespace(bufnr, ns, 0, -1)
+  local tab = string.rep(' ', vim.bo[bufnr].tabstop)
+  for _, line in ipairs(lines) do
+    for _, chunk in ipairs(line) do
+      chunk[1] = chunk[1]:gsub('\t', tab)
+    end
   end
-  api.nvim_buf_set_extmark(s.bufnr, ns, s.row, s.col, {
-    virt_text = { { lines[1], hl } },
+  api.nvim_buf_set_extmark(bufnr, ns, row, col, {
+    virt_text = lines[1],
     virt_text_pos = 'inline',
-    virt_lines = #virt_lines > 0 and virt_lines or nil,
+    virt_lines = #lines > 1 and vim.list_slice(lines, 2) or nil,
     hl_mode = 'combine',
   })
+end
+
+local function render()
+  local s = assert(shown)
+  refining = nil
+  local hl = config.options.hl_group
+  local lines = {}
+  for _, line in ipairs(vim.split(s.text, '\n', { plain = true })) do
+    lines[#lines + 1] = { { line, hl } }
+  end
+  draw(s.bufnr, s.row, s.col, lines)
+end
+
+local function clear_refinement()
+  local bufnr = refining
+  refining = nil
+  if bufnr and api.nvim_buf_is_valid(bufnr) then
+    api.nvim_buf_clear_namespace(bufnr, ns, 0, -1)
+  end
+end
+
+--- Draw a `dlm/refinement` step of the request in flight (with `show_refinement`): the state of
+--- the suggestion so far, its undecided slots in `hl_group_undecided`.
+---@param params { id: integer|string|nil, text: string[]|string|nil }
+function M.on_refinement(params)
+  local p = pending
+  if not config.options.show_refinement or not p or params.id ~= p.id or shown then
+    return -- a step of a request that is no longer in flight, or its item is already shown
+  end
+  local text = type(params.text) == 'table' and params.text[1] or params.text
+  local row, col = cursor()
+  if
+    type(text) ~= 'string'
+    or text == ''
+    or api.nvim_get_current_buf() ~= p.bufnr
+    or api.nvim_buf_get_changedtick(p.bufnr) ~= p.tick
+    or row ~= p.row
+    or col ~= p.col
+    or not in_insert_mode()
+    or menu_visible()
+  then
+    return
+  end
+  local hl, dim = config.options.hl_group, config.options.hl_group_undecided
+  local lines = {}
+  for _, runs in ipairs(pieces.runs(text)) do
+    local chunks = {}
+    for _, run in ipairs(runs) do
+      chunks[#chunks + 1] = { run[1], run[2] and dim or hl }
+    end
+    lines[#lines + 1] = #chunks > 0 and chunks or { { '', hl } }
+  end
+  refining = p.bufnr
+  draw(p.bufnr, p.row, p.col, lines)
 end
 
 --- Show an inline completion item, if it still fits the text before the cursor.
@@ -139,6 +215,7 @@ local function request(bufnr)
       return -- cancelled by a newer keystroke
     end
     pending = nil
+    clear_refinement()
     if err then
       if err.code ~= REQUEST_CANCELLED and err.code ~= CONTENT_MODIFIED then
         vim.notify_once('dlm_ls: ' .. tostring(err.message), vim.log.levels.WARN)
@@ -154,12 +231,13 @@ local function request(bufnr)
       and api.nvim_buf_get_changedtick(bufnr) == tick
       and r == row
       and c == col
+      and not menu_visible()
     then
       show(client, bufnr, items[1])
     end
   end, bufnr)
   if ok and id then
-    pending = { client = client, id = id, seq = this }
+    pending = { client = client, id = id, seq = this, bufnr = bufnr, tick = tick, row = row, col = col }
   end
 end
 
@@ -172,12 +250,13 @@ function M.dismiss()
   end
 end
 
---- Stop the debounce timer and cancel the request in flight.
+--- Stop the debounce timer and cancel the request in flight (clearing its refinement steps).
 function M.cancel()
   timer:stop()
   generation = generation + 1
   local p = pending
   pending = nil
+  clear_refinement()
   if p and not p.client:is_stopped() then
     p.client:cancel_request(p.id)
   end
@@ -230,15 +309,15 @@ function M.accept()
   return true
 end
 
---- Insert the suggestion's first line; the rest stays on screen.
+--- Insert `piece`, the start of the suggestion; the rest stays on screen.
+---@param piece fun(text: string): string
 ---@return boolean accepted
-function M.accept_line()
+local function accept_piece(piece)
   local s = shown
   if not s or api.nvim_get_current_buf() ~= s.bufnr then
     return false
   end
-  -- A suggestion that starts with a line break gives that break and the line after it.
-  local first = s.text:match('^\n?[^\n]*')
+  local first = piece(s.text)
   local r = s.range
   if first == s.text or r[3] ~= s.row then
     return M.accept()
@@ -263,9 +342,27 @@ function M.accept_line()
   return true
 end
 
+--- Insert the suggestion's next line (pieces.next_line); the rest stays on screen.
+---@return boolean accepted
+function M.accept_line()
+  return accept_piece(pieces.next_line)
+end
+
+--- Insert the suggestion's next word (pieces.next_word); the rest stays on screen.
+---@return boolean accepted
+function M.accept_word()
+  return accept_piece(pieces.next_word)
+end
+
 --- After a keystroke: keep the suggestion if the user typed its next characters, else ask anew.
 ---@param bufnr integer
 local function on_change(bufnr)
+  if menu_visible() then
+    -- The menu has the user's attention: show nothing until it closes (CompleteDone).
+    M.cancel()
+    M.dismiss()
+    return
+  end
   local row, col = cursor()
   local tick = api.nvim_buf_get_changedtick(bufnr)
   local s = shown
@@ -302,7 +399,20 @@ function M.attach(bufnr)
       on_change(bufnr)
     end,
   })
-  api.nvim_create_autocmd({ 'InsertLeave', 'BufLeave' }, {
+  api.nvim_create_autocmd('CompleteDone', {
+    group = augroup,
+    buffer = bufnr,
+    callback = function()
+      -- The menu is still up while CompleteDone runs; ask once it has closed.
+      vim.schedule(function()
+        if api.nvim_get_current_buf() == bufnr and in_insert_mode() and not menu_visible() then
+          M.schedule(bufnr)
+        end
+      end)
+    end,
+  })
+  -- Leaving, or the menu opening or changing (CursorMovedI does not fire while it is up).
+  api.nvim_create_autocmd({ 'InsertLeave', 'BufLeave', 'CompleteChanged', 'TextChangedP' }, {
     group = augroup,
     buffer = bufnr,
     callback = function()

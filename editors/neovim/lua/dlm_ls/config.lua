@@ -22,6 +22,7 @@ M.defaults = {
   -- the key's normal meaning. false disables a key (map require('dlm_ls').accept() yourself).
   keymaps = {
     accept = '<Tab>',
+    accept_word = '<M-Right>',
     accept_line = '<M-l>',
     dismiss = '<C-]>',
   },
@@ -30,6 +31,11 @@ M.defaults = {
   native = true,
   -- Highlight group of the ghost text; by default it links to Comment.
   hl_group = 'DlmGhostText',
+  -- Draw the suggestion as it settles: each refinement step of the model, its undecided slots
+  -- in `hl_group_undecided`, until the final suggestion replaces it. Neovim 0.11 path only.
+  show_refinement = false,
+  -- Highlight group of the slots not decided yet; by default it links to NonText.
+  hl_group_undecided = 'DlmGhostTextUndecided',
   -- More server settings, sent as initializationOptions (e.g. { threshold = 0.8, maxTokens = 64 }).
   settings = {},
 }

@@ -18,6 +18,14 @@ function M.accept()
   return engine().accept()
 end
 
+--- Insert the suggestion's next word. Returns false when none is shown (or the engine,
+--- Neovim 0.12's own, has no word accept).
+---@return boolean
+function M.accept_word()
+  local e = engine()
+  return e.accept_word ~= nil and e.accept_word()
+end
+
 --- Insert the suggestion's first line. Returns false when none is shown.
 ---@return boolean
 function M.accept_line()
@@ -61,6 +69,7 @@ end
 
 local function highlight()
   vim.api.nvim_set_hl(0, 'DlmGhostText', { link = 'Comment', default = true })
+  vim.api.nvim_set_hl(0, 'DlmGhostTextUndecided', { link = 'NonText', default = true })
 end
 
 ---@param opts? dlm_ls.Options|table
@@ -97,6 +106,7 @@ function M.setup(opts)
   end
 
   map(o.keymaps.accept, 'accept')
+  map(o.keymaps.accept_word, 'accept_word')
   map(o.keymaps.accept_line, 'accept_line')
   map(o.keymaps.dismiss, 'dismiss')
 end

@@ -29,7 +29,11 @@ end
 --- The settings the server reads at start (`initializationOptions`).
 function M.init_options()
   -- This plugin waits out the debounce itself before it asks, so the server need not wait again.
-  return vim.tbl_extend('force', { debounceMs = 0 }, config.options.settings or {})
+  local settings = vim.tbl_extend('force', { debounceMs = 0 }, config.options.settings or {})
+  if config.options.show_refinement then
+    settings.streamRefinement = true -- the server sends dlm/refinement steps only when asked
+  end
+  return settings
 end
 
 ---@return lsp.ClientCapabilities
@@ -76,6 +80,11 @@ function M.attach(bufnr, on_attach)
     init_options = M.init_options(),
     -- What Neovim answers when the server pulls its `dlm` section (workspace/configuration).
     settings = { dlm = M.init_options() },
+    handlers = {
+      ['dlm/refinement'] = function(_, params)
+        require('dlm_ls.completion').on_refinement(params)
+      end,
+    },
     on_attach = on_attach,
     on_exit = function(code, signal)
       -- Neovim reports a crash itself; remember it, so other buffers do not start it again.
