@@ -23,7 +23,7 @@ from typing import Any
 from .common import REPO_ROOT, RESULTS_DIR
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-ORDER = ("quality", "ratio", "step", "latency", "startup", "recovery", "ceilings", "large", "extra_context", "train")
+ORDER = ("quality", "ratio", "step", "latency", "threads", "startup", "recovery", "ceilings", "large", "extra_context", "train")
 
 
 def load_results(results_dir: Path) -> list[dict[str, Any]]:
@@ -214,6 +214,14 @@ def recovery_section(d: dict) -> str:
                       provenance(d)])
 
 
+def threads_section(d: dict) -> str:
+    rows = [[str(r["threads"]), r["neighbour"], _ms(r["p50_ms"]), _ms(r["min_ms"]), _ms(r["max_ms"])] for r in d["rows"]]
+    return "\n".join([f"**CPU threads**: one line completion of the model, {d['rows'][0]['reps']} times each, alone and "
+                      "beside a process that keeps one core busy. The worker's default (`--threads`) is half the cores, "
+                      "at most 4: one on this machine.", "",
+                      _md(rows, ["torch threads", "beside", "p50 ms", "min", "max"]), "", provenance(d)])
+
+
 def train_section(d: dict) -> str:
     table = [[r["name"], f"{r['tokens_per_s']:,}", _f(r.get("vs_fp32_eager"), 2), _f(r["loss_after"], 4)] for r in d["rows"]]
     skipped = "".join(f"\n\n{s['variant']} not run: {s['why']}." for s in d.get("skipped", []))
@@ -225,7 +233,8 @@ def train_section(d: dict) -> str:
 
 SECTIONS = {"quality": quality_section, "ratio": ratio_section, "step": step_section, "latency": latency_section,
             "ceilings": ceilings_section, "large": large_section, "extra_context": extra_context_section,
-            "train": train_section, "startup": startup_section, "recovery": recovery_section}
+            "train": train_section, "startup": startup_section, "recovery": recovery_section,
+            "threads": threads_section}
 
 
 def render(results: list[dict]) -> str:

@@ -48,6 +48,7 @@ class Settings:
     max_context_chars: int = 16_000  # each side of the cursor; the engine then cuts to its token budget
     max_context_tokens: int | None = WORKER.max_context_tokens  # None = the engine's own limit
     max_jobs: int = WORKER.max_jobs  # concurrent requests one worker accepts; more get a "busy" error
+    threads: int | None = WORKER.threads  # torch CPU threads for the engine (None = WorkerConfig's rule)
     stream_refinement: bool = False  # send dlm/refinement notifications with each refinement step
     # textDocument/completion: "auto" serves it only to clients without inline completion (VS Code
     # would otherwise show every suggestion twice and run the model twice per keystroke).
@@ -91,12 +92,14 @@ class Settings:
         """The worker these settings ask for (`where`: its model folder and socket, once resolved)."""
         mine = {"model": self.model, "device": self.device, "dtype": self.dtype,
                 "idle_timeout_s": self.idle_timeout_s, "max_jobs": self.max_jobs,
-                "max_context_tokens": self.max_context_tokens, "captured_step": self.captured_step}
+                "max_context_tokens": self.max_context_tokens, "captured_step": self.captured_step,
+                "threads": self.threads}
         return WorkerConfig(**{**mine, **where})
 
     def backend_key(self) -> tuple:
         """The settings that choose the engine: when one changes, the server switches backends."""
-        return self.model, self.device, self.dtype, self.in_process, self.worker, self.token_file, self.tls_ca_file
+        return (self.model, self.device, self.dtype, self.in_process, self.worker, self.token_file, self.tls_ca_file,
+                self.threads)
 
     def public(self) -> dict[str, Any]:
         """What `dlm/status` and the start-up log show."""
@@ -154,7 +157,8 @@ _CHOICES = {
     "completion_fallback": ("auto", "always", "never"),
 }
 _INTS = {"debounce_ms", "max_context_chars", "max_syntax_chars", "max_context_tokens", "max_jobs", "max_steps",
-         "block_size", "max_tokens", "cache_entries", "warm_delay_ms", "extra_context_chars", "max_message_bytes"}
+         "block_size", "max_tokens", "cache_entries", "warm_delay_ms", "extra_context_chars", "max_message_bytes",
+         "threads"}
 _ZERO_OK = {"debounce_ms", "cache_entries", "warm_delay_ms", "extra_context_chars"}  # 0 switches the feature off
 _FLOATS = {"idle_timeout_s", "spawn_timeout_s", "request_timeout_s", "threshold", "temperature",
            "extra_context_min_score"}

@@ -425,7 +425,8 @@ class InProcessBackend:
         self.model_dir = resolve_model_dir(settings.model)
         self.scheduler = Scheduler(str(self.model_dir), device=settings.device, dtype=settings.dtype,
                                    max_jobs=settings.max_jobs, max_context_tokens=settings.max_context_tokens,
-                                   captured_step=settings.captured_step, max_client_jobs=settings.max_jobs)
+                                   captured_step=settings.captured_step, max_client_jobs=settings.max_jobs,
+                                   threads=settings.worker_config().cpu_threads())
         self.scheduler.start()
         self.owner = object()  # the scheduler's "connection" for every request of this server
 

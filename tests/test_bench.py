@@ -330,3 +330,17 @@ def test_recovery_and_startup_benchmarks_write_results_the_report_renders(tiny_m
     assert start["torch_loaded"] is False and start["repeat_start"]["runs"] == 1
     body = report.render(report.load_results(out))
     assert "**Recovery**" in body and "**Server start**" in body and "unreadable" not in body
+
+
+def test_threads_benchmark_writes_a_result_the_report_renders(tiny_model_dir, tmp_path):
+    """Format only, never speed: both neighbours for each thread count, and the README section."""
+    from dlm_ls.bench import threads
+
+    out = tmp_path / "results"
+    assert threads.main(["--model", str(tiny_model_dir), "--threads", "1,2", "--reps", "1", "--out-dir", str(out)]) == 0
+    d = json.loads((out / "threads-cpu.json").read_text())
+    assert [(r["threads"], r["neighbour"]) for r in d["rows"]] == [
+        (1, "quiet"), (2, "quiet"), (1, "one busy core"), (2, "one busy core")]
+    assert all(r["p50_ms"] > 0 for r in d["rows"]) and d["command"].startswith("python -m dlm_ls.bench.threads")
+    body = report.render(report.load_results(out))
+    assert "**CPU threads**" in body and "unreadable" not in body

@@ -444,3 +444,27 @@ async def _status(sock: Path) -> dict:
         return msg.result
     finally:
         link.close()
+
+
+def test_cpu_threads_default_leaves_cores_free_and_the_flag_reaches_the_engine(tiny_model_dir, tmp_path):
+    """Half the cores, at most 4: on 2 cores one thread, since a second thread that shares a core
+    with anything busy makes every op wait (python -m dlm_ls.bench.threads)."""
+    from dlm_ls.worker.config import WorkerConfig, default_cpu_threads
+
+    assert [default_cpu_threads(n) for n in (1, 2, 3, 4, 8, 64)] == [1, 1, 1, 2, 4, 4]
+    assert WorkerConfig().cpu_threads() == default_cpu_threads() and WorkerConfig(threads=3).cpu_threads() == 3
+    assert WorkerConfig(threads=3).to_argv() == ["--threads", "3"] and WorkerConfig.from_argv(["--threads", "2"]).threads == 2
+
+    sock = tmp_path / "threads" / "w.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "dlm_ls.lsp_server.cli", "worker", "--model", str(tiny_model_dir),
+                             "--device", "cpu", "--socket", str(sock), "--threads", "2", "--no-spare"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=worker_env())
+    try:
+        deadline = time.monotonic() + 120
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the worker did not come up"
+            time.sleep(0.05)
+        assert asyncio.run(_status(sock))["threads"] == 2
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,16 @@ def _flag(help: str, **argparse_kwargs: Any) -> dict[str, Any]:
     return {"help": help, **argparse_kwargs}
 
 
+def default_cpu_threads(cores: int | None = None) -> int:
+    """Half the cores, at most 4. Each op of a small model is microseconds of work, and every thread
+    waits for the others at its end: when something else keeps one of those cores busy (a build, a
+    training run, the editor), each op waits for a time slice. On this project's 2-core machine a
+    line completion took 100 ms on 2 threads alone, 402 ms on 2 threads beside one spinning process,
+    and 142-144 ms on 1 thread either way (`python -m dlm_ls.bench.threads`, bench/results)."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, min(4, cores // 2))
+
+
 @dataclass
 class WorkerConfig:
     model: str | None = field(default=None, metadata=_flag(
@@ -45,6 +56,9 @@ class WorkerConfig:
     # Fairness between connections (scheduler.py): one connection's requests beyond these wait or are busy.
     max_client_jobs: int = field(default=8, metadata=_flag(
         "requests one connection may have running; more wait their turn", metavar="N"))
+    # torch's CPU threads for the engine (a GPU device ignores it). Default: `default_cpu_threads()`.
+    threads: int | None = field(default=None, metadata=_flag(
+        "torch CPU threads for the engine (default: half the cores, at most 4)", metavar="N"))
     max_client_slots: int = field(default=2048, metadata=_flag(
         "canvas slots one connection's waiting requests may hold; more are answered busy", metavar="N"))
     # A team worker (docs/team.md): TCP beside the Unix socket, every connection authenticated first.
@@ -84,6 +98,9 @@ class WorkerConfig:
         if bool(self.tls_cert) != bool(self.tls_key):
             raise DlmError("config_error", "--tls-cert and --tls-key go together")
         return self
+
+    def cpu_threads(self) -> int:
+        return self.threads if self.threads and self.threads > 0 else default_cpu_threads()
 
     @staticmethod
     def flag(f: dataclasses.Field) -> str:

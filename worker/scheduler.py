@@ -70,13 +70,22 @@ class Client:
     counters: collections.Counter = field(default_factory=collections.Counter)
 
 
+def _set_cpu_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 class Scheduler:
     """The Infiller on one thread, stepping every live request in one batch per step."""
 
     def __init__(self, model_dir: str | None, device: str = "auto", dtype: str | None = None,
                  max_jobs: int = WorkerConfig.max_jobs, max_context_tokens: int | None = None, infiller: Any = None,
                  captured_step: bool = False, max_client_jobs: int = WorkerConfig.max_client_jobs,
-                 max_client_slots: int = WorkerConfig.max_client_slots):
+                 max_client_slots: int = WorkerConfig.max_client_slots, threads: int | None = None):
+        self.threads = threads  # torch's CPU threads, set on the thread that runs the engine
+        if threads:
+            _set_cpu_threads(threads)  # the load runs here, before the scheduler thread exists
         self.max_jobs = max_jobs
         self.max_client_jobs = max_client_jobs
         self.max_client_slots = max_client_slots
@@ -148,6 +157,8 @@ class Scheduler:
     # -- the scheduler thread
 
     def _run(self) -> None:
+        if self.threads:
+            _set_cpu_threads(self.threads)  # OpenMP's thread count is per calling thread: set it on this one
         while True:
             commands = [] if self.live else [self.inbox.get()]  # with nothing to step, sleep until work comes
             while True:
@@ -369,7 +380,7 @@ class Scheduler:
     def status(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "info": self.info, "cache": dict(self.inf.cache_stats()), "loads": self.loads,
                 "load_s": round(self.load_s, 3), "uptime_s": round(time.monotonic() - self.started_at, 3),
-                "live": len(self.live), "max_jobs": self.max_jobs, "max_batch": self.max_batch,
+                "live": len(self.live), "max_jobs": self.max_jobs, "threads": self.threads, "max_batch": self.max_batch,
                 "counters": dict(self.counters), "max_client_jobs": self.max_client_jobs,
                 "max_client_slots": self.max_client_slots,
                 "clients": [{"client": c.name, "live": self._live_of(owner), "waiting": len(c.waiting),

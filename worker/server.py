@@ -291,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         scheduler = Scheduler(str(model_dir), device=cfg.device, dtype=cfg.dtype, max_jobs=cfg.max_jobs,
                               max_context_tokens=cfg.max_context_tokens, captured_step=cfg.captured_step,
-                              max_client_jobs=cfg.max_client_jobs, max_client_slots=cfg.max_client_slots)
+                              max_client_jobs=cfg.max_client_jobs, max_client_slots=cfg.max_client_slots,
+                              threads=cfg.cpu_threads())
         server = WorkerServer(scheduler, sock, cfg.idle_timeout_s, cfg.max_frame_bytes, pid_file, team, spare)
         asyncio.run(server.run())
     finally:
