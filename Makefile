@@ -44,9 +44,9 @@ test-vscode: $(STAMP)
 screenshots: $(STAMP)
 	@if $(PY) tests/ui_env.py; then $(PY) tests/screenshots.py docs/img; fi
 
-# The fuzz suite at ten times its `make test` size (tests/test_fuzz.py, tests/test_protocol.py).
+# The fuzz suites (LSP over stdio, the worker's msgpack socket) at ten times their `make test` size.
 fuzz: $(STAMP)
-	DLM_LS_FUZZ_EXAMPLES=60 $(PYTEST) -q tests/test_fuzz.py tests/test_protocol.py
+	DLM_LS_FUZZ_EXAMPLES=60 $(PYTEST) -q tests/test_fuzz.py tests/test_fuzz_worker.py tests/test_protocol.py
 
 # Every benchmark (quality, ratio, step, latency) on the CPU, or the GPU when present; then the
 # README's results table is regenerated from the JSON they write (never typed by hand).
