@@ -10,6 +10,10 @@ export interface Settings {
   server: { path: string; extraArgs: string[] };
   model: string;
   device: 'auto' | 'cpu' | 'cuda';
+  /** A shared team worker (`tcp://host:port`, `tls://host:port`); empty: a private worker of this user's. */
+  worker: string;
+  tokenFile: string;
+  tlsCaFile: string;
   debounceMs: number;
   showRefinement: boolean;
   /** More server settings (`dlm.extraSettings`), passed through as they are. */
@@ -21,6 +25,9 @@ export const DEFAULTS: Settings = {
   server: { path: 'dlm-ls', extraArgs: [] },
   model: '',
   device: 'auto',
+  worker: '',
+  tokenFile: '',
+  tlsCaFile: '',
   debounceMs: 50,
   showRefinement: false,
   extraSettings: {},
@@ -49,6 +56,10 @@ export function serverSettings(s: Settings): Record<string, unknown> {
     device: s.device,
     debounceMs: 0,
     streamRefinement: s.showRefinement,
+    // Only when set: an empty one must not undo a `--worker` given in `dlm.server.extraArgs`.
+    ...(s.worker ? { worker: s.worker } : {}),
+    ...(s.tokenFile ? { tokenFile: s.tokenFile } : {}),
+    ...(s.tlsCaFile ? { tlsCaFile: s.tlsCaFile } : {}),
   };
 }
 

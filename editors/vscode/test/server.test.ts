@@ -118,6 +118,11 @@ describe('dlm.ts', () => {
       null,
       null,
     ]);
+    const team = { ...s, worker: 'tls://gpu-box:7000', tokenFile: '/home/me/.dlm-token', tlsCaFile: '' };
+    assert.deepEqual(dlm.configurationAnswer([{ section: 'dlm' }], team), [
+      { model: '/models/x', device: s.device, debounceMs: 0, streamRefinement: false,
+        worker: 'tls://gpu-box:7000', tokenFile: '/home/me/.dlm-token' },
+    ]);
   });
 
   test('a refinement state is cut into decided and undecided runs, its first line only', () => {
