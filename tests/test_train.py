@@ -426,6 +426,23 @@ def test_a_stage_started_from_a_shipped_folder_keeps_the_whole_chain_on_its_card
     assert "trained in 2 stages" in card and "Resumed at step 1:" in card and "(its log is not here)" not in card
 
 
+def test_reshipping_a_chain_through_a_run_lists_each_run_once(tokenizer, corpus_dir, tmp_path):
+    """shipped -> run b -> run c, c shipped over `shipped` twice: the second ship reads the first's
+    stages file (which lists b and c already) at the chain's root, and must not list b again."""
+    from dlm_ls.model.train import ship
+
+    a, shipped, b, c = tmp_path / "a", tmp_path / "shipped", tmp_path / "b", tmp_path / "c"
+    none = ["--manifest", str(tmp_path / "none.json")]
+    loop.train(_run_cfg(corpus_dir, a, steps=1, eval_batches=0), tokenizer, progress=False)
+    ship.main(["--run", str(a), "--out", str(shipped), *none])
+    loop.train(_run_cfg(corpus_dir, b, steps=2, eval_batches=0, init_from=str(shipped)), tokenizer, progress=False)
+    loop.train(_run_cfg(corpus_dir, c, steps=1, eval_batches=0, init_from=str(b / "latest")), tokenizer, progress=False)
+    for _ in range(2):
+        ship.main(["--run", str(c), "--out", str(shipped), *none])
+    chain = json.loads((shipped / ship.STAGES_FILE).read_text())
+    assert [s["run"] for s in chain] == [str(a), str(b), str(c)] and [s["steps"] for s in chain] == [1, 2, 1]
+
+
 def test_resume_keeps_the_runs_own_seed_so_its_data_order_goes_on(tokenizer, corpus_dir, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     loop.train(_run_cfg(corpus_dir, straight, steps=4, seed=3), tokenizer, progress=False)

@@ -120,9 +120,12 @@ def earlier_stages(run: Path, depth: int = 8) -> list[dict]:
         start, steps = read_log(prev)
         if not start:
             shipped = prev / STAGES_FILE
-            if shipped.exists():  # (a folder re-shipped from the same run already lists that run: not twice)
-                here = run.resolve()  # (runs/campaign may be a link to the run's own folder)
-                stages += [st for st in json.loads(shipped.read_text()) if Path(st.get("run", "")).resolve() != here][::-1]
+            if shipped.exists():
+                # A folder shipped before from this chain (re-shipping into model/default, which the
+                # chain started from) lists some of its runs already: each run once.
+                # (resolved: runs/campaign may be a link to a run's own folder)
+                seen = {run.resolve()} | {Path(st["run"]).resolve() for st in stages if "run" in st}
+                stages += [st for st in json.loads(shipped.read_text()) if Path(st.get("run", "")).resolve() not in seen][::-1]
             else:
                 stages.append({"run": source, "missing": True})
             break
