@@ -65,7 +65,8 @@ bench-train: $(STAMP)
 RUN ?= runs/campaign
 TRAIN_MINUTES ?= 150
 TRAIN_THREADS ?= 1
-TRAIN_FLAGS ?= --preset small --batch-size 6 --seq-len 512 --lr 1e-3 --warmup 50 --eval-batches 6 \
+# lr 3e-4 with a short warmup: each new stage starts from trained weights (docs/training.md, 2026-12-07).
+TRAIN_FLAGS ?= --preset small --batch-size 6 --seq-len 512 --lr 3e-4 --warmup 30 --eval-batches 6 \
 	--ctx-loss-weight 1.0 --ctx-fraction 1.0 --checkpoint-minutes 10
 train: $(STAMP)
 	test -f data/corpus/train.jsonl || $(VENV)/bin/dlm-ls corpus --out data/corpus \

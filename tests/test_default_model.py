@@ -28,9 +28,9 @@ def infiller():
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "the stage-3 CPU weights (held-out true-middle NLL 6.196 -> 5.666 nats/token) answer `\"\"\"` here: "
-    "a docstring is the likeliest line after a def in their eyes (NLL 4.7 against 16.8 for `a + b`); the "
-    "stage-2 weights answered `e`. Strict, so the marker has to go when a later model parses here again"))
+    "the CPU weights do not parse here: stage 4 (held-out true-middle NLL 5.405 nats/token on line "
+    "tasks) answers `():`, stage 3 answered `\"\"\"` (a docstring), stage 2 `e`. Strict, so the marker "
+    "has to go when a later model parses here again"))
 def test_shipped_model_completes_a_return_that_parses(infiller):
     prefix = "def add(a, b):\n    return "
     r = infiller.complete([prefix, "\n"], mode="line")
