@@ -34,8 +34,12 @@ pytestmark = [
 # no words to accept one at a time. Without the parse filter a partial line is shown, not dropped.
 MODEL = ROOT / "model" / "default"
 SERVER_SETTINGS = {"parseFilter": False, "speculative": False, "warm": False}
-# A cursor where the shipped model suggests more than one word: `print(` gets `None):`.
 BEFORE, TRIGGER, AFTER = "def greet(name):\n    ", "print(", "\n"
+# Cursors tried, in turn, until the shipped model suggests a word and then more (what word accept
+# needs), so that a retrained model that answers one of them differently still finds one: stage 3
+# answered `None):` after `print(`, stage 4 answers `):` there and `x)` after `math.sqrt(`.
+WORD_CURSORS = [(BEFORE, TRIGGER), ("def norm(x, y):\n    return ", "math.sqrt("),
+                ("def scale(values, factor):\n    return [", "round(")]
 HOLES = "def add(a, b):\n    return <|hole|>\n"
 FILES = {"example.py": "", "holes.py": HOLES}
 
@@ -104,16 +108,22 @@ def test_typing_through_keeps_the_rest_without_a_model_call(editor):
 
 
 def test_vscode_word_accept_and_line_accept_on_our_items(editor):
-    ghost = suggest(editor)
-    assert re.match(r"\w+\W", ghost), ghost  # a word, then more
+    seen = []
+    for before, trigger in WORD_CURSORS:
+        ghost = suggest(editor, before, trigger)
+        seen.append(ghost)
+        if re.match(r"\w+\W", ghost):  # a word, then more
+            break
+    else:
+        pytest.fail(f"the model suggests no word followed by more at any of the cursors tried: {seen}")
     editor.page.keyboard.press("Control+ArrowRight")
     word = re.match(r"\w+", ghost).group(0)
     editor.wait(lambda: editor.ghost() == ghost[len(word):], 5, "the rest after a word")
-    assert editor.saved("example.py") == BEFORE + TRIGGER + word + AFTER
+    assert editor.saved("example.py") == before + trigger + word + AFTER
     editor.shot("word-accepted")
     editor.page.keyboard.press("Alt+End")
     editor.wait(lambda: editor.ghost() is None, 5, "the line to be accepted")
-    assert editor.saved("example.py") == BEFORE + TRIGGER + ghost.split("\n")[0] + AFTER
+    assert editor.saved("example.py") == before + trigger + ghost.split("\n")[0] + AFTER
 
 
 def test_a_settings_change_reaches_the_server(editor):
@@ -184,9 +194,11 @@ def test_a_keystroke_clears_the_steps(editor):
     else:
         raise AssertionError("no refinement step was drawn")
     editor.shot("refinement-step")
-    states = editor.wait(lambda: [s for s in editor.page.evaluate("window.__dlmStates") if s["t"] >= t_key], 5,
-                         "a change after the keystroke")
-    assert states[0]["runs"] == [], states[:3]  # cleared before anything else is drawn
+    states = editor.wait(lambda: [s for s in editor.page.evaluate("window.__dlmStates")
+                                  if s["t"] >= t_key and s["runs"] == []], 5, "the steps to be cleared")
+    # Cleared at once. (A step already on its way when the key went down may still be painted
+    # first, a few milliseconds before the keystroke reaches the extension.)
+    assert states[0]["t"] - t_key < 500, states[:3]
     assert editor.tap.requests("$/cancelRequest"), "the request in flight was not cancelled"
     editor.page.keyboard.press("Escape")
 
