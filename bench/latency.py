@@ -302,7 +302,6 @@ class Client:
         self.client.protocol.notify(lsp.CANCEL_REQUEST, lsp.CancelParams(id=rid))
 
     async def stop(self) -> int | None:
-        from lsprotocol import types as lsp
 
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.client.shutdown_async(None), 20)

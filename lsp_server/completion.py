@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..model import prompt
-from ..model.prompt import prompt_chars  # noqa: F401 (part of this module's vocabulary)
 from ..worker.protocol import DlmError, InfillReply, InfillRequest, StepUpdate
 from . import documents as D
 from .config import Settings
@@ -114,7 +113,7 @@ def prompt_window(doc: D.Document, offset: int, settings: Settings, preamble: st
                   max_prompt_chars: int | None = None) -> tuple[str, str]:
     """The prefix and suffix windows, cut at line breaks to what the engine's budget keeps
     (`max_prompt_chars`, from the worker's token budget: prompt.fit_window)."""
-    prefix, suffix = D.context_window(doc.text, offset, settings.max_context_chars)
+    prefix, suffix = prompt.line_window(doc.text, offset, settings.max_context_chars)
     if max_prompt_chars is None:
         return prefix, suffix
     return prompt.fit_window(prefix, suffix, preamble, max_prompt_chars)
@@ -215,7 +214,7 @@ class Preambles:
     def get(self, ls: "DlmServer", doc: D.Document, offset: int) -> tuple[str, int]:
         """The preamble for this cursor ("" for none), and the characters preamble and prefix may take
         together (prompt_window)."""
-        max_chars = prompt_chars(ls.context_tokens)
+        max_chars = prompt.prompt_chars(ls.context_tokens)
         budget = ls.settings.extra_context_chars
         if budget <= 0:
             return "", max_chars
@@ -257,7 +256,7 @@ async def complete(ls: "DlmServer", uri: str, position: Any, kind: str) -> tuple
     ticket = policy.begin(uri, kind, rid)
     policy.cancel_warm(uri)  # this request fills the worker's cache itself
     t0 = time.perf_counter()
-    window = D.context_window(doc.text, offset, ls.settings.max_context_chars)
+    window = prompt.line_window(doc.text, offset, ls.settings.max_context_chars)
     try:
         rest = policy.type_through(uri, offset, *window)
         if rest is not None:

@@ -29,7 +29,6 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..model.prompt import line_window
 from ..worker.protocol import LIMITS
 from .errors import DlmError
 
@@ -198,7 +197,6 @@ def word_start(text: str, offset: int) -> int:
     return i
 
 
-context_window = line_window  # the prompt module cuts every window: one rule for serving and training
 
 
 # --------------------------------------------------------------------------- the store

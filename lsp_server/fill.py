@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from lsprotocol import types as lsp
 
+from ..model import prompt
 from ..worker.protocol import DlmError, InfillRequest, StepUpdate
 from . import documents as D
 from .completion import streamer
@@ -58,8 +59,8 @@ def plan_fill(doc: D.Document, rng: tuple[int, int] | None, settings: Settings) 
         return [], []
     segments = H.segments_around(doc.text, spans)
     budget = settings.max_context_chars  # the outer context is cut like a cursor's; the engine checks the rest
-    segments[0] = D.context_window(segments[0], len(segments[0]), budget)[0]
-    segments[-1] = D.context_window(segments[-1], 0, budget)[1]
+    segments[0] = prompt.line_window(segments[0], len(segments[0]), budget)[0]
+    segments[-1] = prompt.line_window(segments[-1], 0, budget)[1]
     return spans, segments
 
 

@@ -136,7 +136,7 @@ class Shown:
     """A suggestion as it was shown: where, around which text, and what."""
 
     offset: int
-    prefix: str  # the text window before the cursor (documents.context_window)
+    prefix: str  # the text window before the cursor (prompt.line_window)
     suffix: str  # and after it
     text: str
 

@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from . import tokens as T
-from .prompt import truncate_context  # noqa: F401 (the context rule is the prompt module's)
 
 
 def single_hole_context(prefix: list[int], suffix: list[int]) -> list[int]:

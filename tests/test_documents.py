@@ -7,7 +7,8 @@ import random
 import pytest
 
 from dlm_ls.lsp_server.documents import (
-    UTF8, UTF16, UTF32, Document, DocumentStore, col_to_index, context_window, index_to_col, word_start)
+    UTF8, UTF16, UTF32, Document, DocumentStore, col_to_index, index_to_col, word_start)
+from dlm_ls.model.prompt import line_window as context_window
 from dlm_ls.lsp_server.errors import DlmError
 
 

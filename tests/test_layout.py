@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dlm_ls.model import layout
+from dlm_ls.model import layout, prompt
 from dlm_ls.model import tokens as T
 
 
@@ -23,7 +23,7 @@ def test_multi_hole_sentinels():
 
 def test_truncation_keeps_the_cursor_side():
     prefix, suffix = list(range(100)), list(range(100, 200))
-    p, s = layout.truncate_context(prefix, suffix, 83)
+    p, s = prompt.truncate_context(prefix, suffix, 83)
     assert len(p) + len(s) == 80 and p[-1] == 99 and s[0] == 100 and len(s) == 20
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 
 from dlm_ls.lsp_server import documents as D
+from dlm_ls.model.prompt import line_window, prompt_chars
 from dlm_ls.lsp_server.config import Settings
 from dlm_ls.lsp_server.policy import CompletionPolicy, SuggestionCache, TypeThrough, context_key
-from dlm_ls.lsp_server.completion import (choose_completion, extra_context_preamble, plan_completion,
-                                          prompt_chars, prompt_window)
+from dlm_ls.lsp_server.completion import choose_completion, extra_context_preamble, plan_completion, prompt_window
 from dlm_ls.worker.protocol import InfillReply
 
 # --------------------------------------------------------------------------- the cache
@@ -53,7 +53,7 @@ def test_lookup_counts_cache_and_speculative_hits_once():
 
 def shown(text: str, offset: int, suggestion: str, budget: int = 10_000):
     t = TypeThrough()
-    t.show("u", offset, *D.context_window(text, offset, budget), suggestion)
+    t.show("u", offset, *line_window(text, offset, budget), suggestion)
     return t
 
 
@@ -63,7 +63,7 @@ def test_typing_the_start_of_a_suggestion_serves_its_rest():
     t = shown(text, at, "x + 1")
     for typed in ("x", "x ", "x +", "x + "):
         now = text[:at] + typed + text[at:]
-        assert t.remainder("u", at + len(typed), *D.context_window(now, at + len(typed), 10_000)) == \
+        assert t.remainder("u", at + len(typed), *line_window(now, at + len(typed), 10_000)) == \
             "x + 1"[len(typed):]
 
 
@@ -73,14 +73,14 @@ def test_type_through_refuses_anything_else():
     t = shown(text, at, "x + 1")
 
     def ask(new_text, offset):
-        return t.remainder("u", offset, *D.context_window(new_text, offset, 10_000))
+        return t.remainder("u", offset, *line_window(new_text, offset, 10_000))
 
     assert ask(text[:at] + "y" + text[at:], at + 1) is None  # typed something else
     assert ask(text[:at] + "x + 1" + text[at:], at + 5) is None  # typed all of it
     assert ask(text, at) is None  # did not type
     assert ask("# edited\n" + text[:at] + "x" + text[at:], at + 1 + 9) is None  # the text before changed
     assert ask(text[:at] + "x" + text[at:].replace("print", "debug"), at + 1) is None  # the text after changed
-    assert t.remainder("other-uri", at + 1, *D.context_window(text[:at] + "x" + text[at:], at + 1, 10_000)) is None
+    assert t.remainder("other-uri", at + 1, *line_window(text[:at] + "x" + text[at:], at + 1, 10_000)) is None
 
 
 def test_type_through_in_a_document_larger_than_the_window():
@@ -90,7 +90,7 @@ def test_type_through_in_a_document_larger_than_the_window():
     at = len(text) - 1
     t = shown(text, at, "v1 + v2", budget=200)
     now = text[:at] + "v1 " + text[at:]
-    assert t.remainder("u", at + 3, *D.context_window(now, at + 3, 200)) == "+ v2"
+    assert t.remainder("u", at + 3, *line_window(now, at + 3, 200)) == "+ v2"
 
 
 def test_forget_document_drops_type_through_and_cancels_speculation():

@@ -143,6 +143,13 @@ PRIORITIES = ("normal", "low")  # low: the server's speculative suggestions, ste
 METHODS = ("hello", "infill", "cancel", "warm", "status", "ping", "shutdown")
 
 
+def _preamble(p: dict) -> str:
+    preamble = p.get("preamble") or ""
+    if not isinstance(preamble, str):
+        raise DlmError("invalid_params", "preamble must be a string")
+    return preamble
+
+
 def _text_list(value: Any, what: str, least: int) -> list[str]:
     if not isinstance(value, list) or len(value) < least or not all(isinstance(s, str) for s in value):
         raise DlmError("invalid_params", what)
@@ -200,8 +207,15 @@ def check_overrides(overrides: dict[str, Any]) -> None:
         LIMITS.check(f"overrides.canvas_lengths[{i}]", n, "max_canvas_length")
 
 
+class WireMessage:
+    """A typed message: its fields are its wire form (`from_wire`, on each class, checks them)."""
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass
-class InfillRequest:
+class InfillRequest(WireMessage):
     """Fill the holes between `segments` (text around them); all holes are one job, refined together."""
 
     segments: list[str]
@@ -212,9 +226,6 @@ class InfillRequest:
     cache_key: str | None = None  # the context-cache entry to reuse and update (the server: the document)
     stream: bool = False  # send a StepUpdate after every refinement step
     preamble: str = ""  # chunks of other files shown before the first segment, tokenized apart (model/prompt.py)
-
-    def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def from_wire(cls, params: Any) -> "InfillRequest":
@@ -236,16 +247,14 @@ class InfillRequest:
         key = p.get("cache_key")
         if key is not None and not isinstance(key, str):
             raise DlmError("invalid_params", "cache_key must be a string")
-        preamble = p.get("preamble") or ""
-        if not isinstance(preamble, str):
-            raise DlmError("invalid_params", "preamble must be a string")
+        preamble = _preamble(p)
         rid = p.get("id")
         return cls(segments, "" if rid is None else str(rid), mode, overrides, priority, key, bool(p.get("stream")),
                    preamble)
 
 
 @dataclass
-class InfillReply:
+class InfillReply(WireMessage):
     """The middles of one request, best first among `candidates` (one list of middles per canvas length)."""
 
     middles: list[str]
@@ -259,9 +268,6 @@ class InfillReply:
     queue_ms: float = 0.0
     total_ms: float = 0.0
 
-    def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
-
     @classmethod
     def from_wire(cls, result: Any) -> "InfillReply":
         r = _params(result, "an infill reply")
@@ -274,16 +280,13 @@ class InfillReply:
 
 
 @dataclass
-class StepUpdate:
+class StepUpdate(WireMessage):
     """One refinement step of a streamed request: its text so far, undecided slots shown as \u2591."""
 
     id: str
     step: int
     text: list[str]
     ms: float
-
-    def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def from_wire(cls, params: Any) -> "StepUpdate":
@@ -292,15 +295,12 @@ class StepUpdate:
 
 
 @dataclass
-class WarmRequest:
+class WarmRequest(WireMessage):
     """Compute the context cache of `segments` under `cache_key`, so a later request there starts warm."""
 
     cache_key: str
     segments: list[str]
     preamble: str = ""
-
-    def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def from_wire(cls, params: Any) -> "WarmRequest":
@@ -309,18 +309,13 @@ class WarmRequest:
         _check_holes(segments)
         if not isinstance(p.get("cache_key"), str):
             raise DlmError("invalid_params", "warm needs a cache_key: the entry a later request will reuse")
-        preamble = p.get("preamble") or ""
-        if not isinstance(preamble, str):
-            raise DlmError("invalid_params", "preamble must be a string")
+        preamble = _preamble(p)
         return cls(p["cache_key"], segments, preamble)
 
 
 @dataclass
-class CancelRequest:
+class CancelRequest(WireMessage):
     id: str
-
-    def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def from_wire(cls, params: Any) -> "CancelRequest":
@@ -330,14 +325,11 @@ class CancelRequest:
 
 
 @dataclass
-class Hello:
+class Hello(WireMessage):
     """The first message on a TCP connection: the team's token, and who asks (named in the worker's status)."""
 
     token: str
     client: str = ""
-
-    def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def from_wire(cls, params: Any) -> "Hello":

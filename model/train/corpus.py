@@ -37,7 +37,7 @@ import time
 import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 try:  # numpy makes MinHash ~50x faster; the pure-Python path gives identical signatures.
     import numpy as _np
