@@ -13,7 +13,7 @@ STAMP := $(VENV)/.dlm-ls-installed
 TORCH ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: demo test test-vscode screenshots fuzz venv bench bench-startup bench-recovery bench-train train clean
+.PHONY: demo test test-vscode test-cluster bench-cluster screenshots fuzz venv bench bench-startup bench-recovery bench-train train clean
 
 venv: $(STAMP)
 
@@ -38,6 +38,21 @@ test: $(STAMP)
 # npm's registry, PyPI and /usr/bin/chromium); where one cannot be had it prints one line and skips.
 test-vscode: $(STAMP)
 	@if $(PY) tests/ui_env.py; then DLM_LS_VSCODE_UI=1 $(PYTEST) -q -p no:cacheprovider tests/test_vscode_ui.py; fi
+
+# Scale-out on Ray Serve (tests/test_cluster.py): a local Ray cluster of two replicas of the tiny model.
+# Installs the [cluster] extra (ray[serve]) into the venv first. Ends every Ray process it started.
+CLUSTER_STAMP := $(VENV)/.dlm-ls-cluster-installed
+$(CLUSTER_STAMP): $(STAMP)
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[test,train,cluster]"
+	touch $(CLUSTER_STAMP)
+
+test-cluster: $(CLUSTER_STAMP)
+	RAY_USAGE_STATS_ENABLED=0 $(PYTEST) -q -p no:cacheprovider -m cluster tests/test_cluster.py
+
+# Requests/s and p50/p95 through 1 and 2 replicas, the batch scaling of one engine, and Ray Serve's
+# overhead against the local socket: bench/results/cluster-cpu.json (docs/team.md's capacity plan).
+bench-cluster: $(CLUSTER_STAMP)
+	RAY_USAGE_STATS_ENABLED=0 $(PY) -m dlm_ls.bench.cluster
 
 # docs/img/: VS Code and Neovim showing a suggestion of the shipped model, and its refinement
 # steps, each from a real run (tests/screenshots.py; the same tools as test-vscode).

@@ -33,6 +33,7 @@ DELEGATED = {
     "eval": ("dlm_ls.bench.eval", "measure infill quality on held-out tasks"),
     "ship": ("dlm_ls.model.train.ship", "write a trained checkpoint as the shipped default model, with its data card"),
     "bench": ("dlm_ls.bench.cli", "speed and quality benchmarks"),
+    "cluster": ("dlm_ls.worker.cluster", "serve the model from Ray Serve replicas: up, status, down (extra [cluster])"),
 }
 OWN = {
     "serve": "run the language server over stdio (what an editor starts)",
@@ -112,7 +113,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--in-process", action="store_true",
                    help="run the model inside this process instead of the shared worker (imports torch)")
     p.add_argument("--worker", metavar="URL", help="where the worker is: unix: (default: your own, started when "
-                   "needed), unix:PATH, or a team worker at tcp://HOST:PORT or tls://HOST:PORT")
+                   "needed), unix:PATH, a team worker at tcp://HOST:PORT or tls://HOST:PORT, or a Ray Serve "
+                   "cluster at http(s)://HOST:PORT/ROUTE (what `dlm-ls cluster up` prints)")
     p.add_argument("--token-file", metavar="PATH", help="a team worker's token (a file of your own, mode 0600)")
     p.add_argument("--tls-ca-file", metavar="PATH",
                    help="check a tls:// worker's certificate against this file (default: the system's CAs)")
@@ -312,7 +314,7 @@ def cmd_complete(rest: list[str], debug: bool) -> int:
 
 async def _complete(doc, offset: int, settings, show_steps: bool):
     from .completion import run_completion
-    from .worker_client import make_backend
+    from .backends import make_backend
 
     backend = make_backend(settings)
     on_step = None

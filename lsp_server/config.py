@@ -31,7 +31,8 @@ class Settings:
     dtype: str | None = WORKER.dtype  # fp32 | bf16 | fp16; None = bf16 on a GPU, fp32 on a CPU
     in_process: bool = False  # run the engine inside the server (tests, single-user setups); imports torch
     # Where the worker is: None (or "unix:") = this user's own worker for the model and device, started
-    # when needed; "unix:PATH", or a team worker at "tcp://HOST:PORT" / "tls://HOST:PORT" (docs/team.md).
+    # when needed; "unix:PATH", a team worker at "tcp://HOST:PORT" / "tls://HOST:PORT", or a Ray Serve cluster at
+    # "http(s)://HOST:PORT/ROUTE" (docs/team.md).
     worker: str | None = None
     token_file: str | None = None  # the team worker's token (a file of the user's own, mode 0600)
     tls_ca_file: str | None = None  # the certificate (or CA) a tls:// worker is checked against; None = the system's

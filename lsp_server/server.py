@@ -31,6 +31,7 @@ from . import completion as C
 from . import documents as D
 from . import fill as F
 from . import status as S
+from .backends import make_backend
 from .completion import attach_syntax
 from .config import Settings
 from .errors import DlmError, to_lsp
@@ -38,7 +39,7 @@ from .fill import FILL, FILL_COMMAND
 from .logs import configure_logging, message_id, request_id, set_level
 from .policy import CompletionPolicy
 from .protocol import DlmProtocol, StreamError, read_messages
-from .worker_client import Backend, WorkerClient, in_thread, make_backend
+from .worker_client import Backend, WorkerClient, in_thread
 
 NAME, VERSION = "dlm-ls", "0.1.0"
 STATUS = "dlm/status"

@@ -9,7 +9,8 @@ crash, kill), the next call starts a new one, and an infill interrupted by the w
 is retried once on the new worker.
 
 The `worker` setting may name another place (worker/protocol.py WorkerAddress): a Unix socket
-path, or a team worker at tcp:// or tls:// (docs/team.md). A team worker is never spawned: the
+path, a team worker at tcp:// or tls:// (docs/team.md), or a Ray Serve cluster at http(s)://,
+which `ClusterClient` (cluster_client.py) serves. A team worker is never spawned: the
 client connects, sends its `Hello` with the token from `tokenFile`, and after the worker restarts
 connects again on the next call.
 
@@ -38,7 +39,7 @@ from typing import Any, Callable, Protocol
 
 from ..worker import protocol, standby
 from ..worker.protocol import (LIMITS, DlmError, Hello, InfillReply, InfillRequest, StepUpdate, WarmRequest,
-                               WorkerAddress, alive, resolve_model_dir)
+                               WorkerAddress, alive, resolve_model_dir, settle)
 from .config import Settings
 
 log = logging.getLogger("dlm_ls.worker_client")
@@ -63,15 +64,6 @@ class Backend(Protocol):
 
     async def close(self) -> None: ...
 
-
-def settle(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
-    """Resolve `fut` once (on its loop's thread); a future already cancelled stays cancelled."""
-    if fut.done():
-        return
-    if error is not None:
-        fut.set_exception(error)
-    else:
-        fut.set_result(result)
 
 
 async def in_thread(fn: Callable, *args: Any) -> Any:
@@ -127,7 +119,7 @@ class Connection:
             raise WorkerGone(f"cannot reach the worker at {address}: {exc or 'no answer'}") from None
         conn = cls(reader, writer)
         try:
-            await asyncio.wait_for(conn.call("hello", Hello(token, _client_name()).to_wire()), CONNECT_TIMEOUT_S)
+            await asyncio.wait_for(conn.call("hello", Hello(token, client_name()).to_wire()), CONNECT_TIMEOUT_S)
         except asyncio.TimeoutError:
             await conn.close()
             raise WorkerGone(f"the worker at {address} did not answer our hello") from None
@@ -225,7 +217,7 @@ class Connection:
 # --------------------------------------------------------------------------- the worker daemon
 
 
-def _client_name() -> str:
+def client_name() -> str:
     """Who we are, in the team worker's per-client counts."""
     return f"{os.environ.get('USER') or os.getuid()}@{socket.gethostname()} pid {os.getpid()}"
 
@@ -468,7 +460,3 @@ class InProcessBackend:
 
     async def close(self) -> None:
         await in_thread(self.scheduler.stop)
-
-
-def make_backend(settings: Settings) -> Backend:
-    return InProcessBackend(settings) if settings.in_process else WorkerClient(settings)

@@ -197,6 +197,9 @@ def test_settings_above_the_limits_are_refused_and_skipped(key, value, message):
     (None, ("unix", None, "", 0)), ("unix:", ("unix", None, "", 0)), ("unix:/run/w.sock", ("unix", "/run/w.sock", "", 0)),
     ("unix:///run/w.sock", ("unix", "/run/w.sock", "", 0)), ("tcp://gpu1:7000", ("tcp", None, "gpu1", 7000)),
     ("tls://10.0.0.2:443/", ("tls", None, "10.0.0.2", 443)), ("tcp://[::1]:7000", ("tcp", None, "::1", 7000)),
+    ("http://127.0.0.1:8000/dlm", ("http", "/dlm", "127.0.0.1", 8000)),
+    ("https://serve.example:443/team/dlm/", ("https", "/team/dlm", "serve.example", 443)),
+    ("http://gpu1:80", ("http", "/", "gpu1", 80)),
 ])
 def test_worker_urls(url, expected):
     a = rpc.WorkerAddress.parse(url)
@@ -204,7 +207,8 @@ def test_worker_urls(url, expected):
     assert rpc.WorkerAddress.parse(str(a)) == a
 
 
-@pytest.mark.parametrize("url", ["http://gpu1:80", "tcp://gpu1", "tcp://gpu1:0", "tcp://gpu1:99999", "gpu1:7000",
+@pytest.mark.parametrize("url", ["ftp://gpu1:80", "http://gpu1/dlm", "tcp://gpu1:7000/dlm", "http://gpu1:80/dlm?x=1",
+                                 "tcp://gpu1", "tcp://gpu1:0", "tcp://gpu1:99999", "gpu1:7000",
                                  "tls://:443"])
 def test_bad_worker_urls_are_config_errors(url):
     from dlm_ls.lsp_server.config import Settings

@@ -340,6 +340,17 @@ class Hello(WireMessage):
         return cls(token, client[:200] if isinstance(client, str) else "")
 
 
+def settle(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    """Resolve `fut` once (on its loop's thread, as a `done` callback's result arrives from another);
+    a future already cancelled stays cancelled."""
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+
+
 # --------------------------------------------------------------------------- encoding
 
 
@@ -521,16 +532,22 @@ def alive(path: Path, timeout: float = 5.0) -> bool:
 @dataclass(frozen=True)
 class WorkerAddress:
     """Where a client finds its worker, from a URL: `unix:` (this user's own worker for the model and
-    device, started when needed), `unix:PATH`, or a team worker at `tcp://HOST:PORT` / `tls://HOST:PORT`."""
+    device, started when needed), `unix:PATH`, a team worker at `tcp://HOST:PORT` / `tls://HOST:PORT`,
+    or a Ray Serve cluster at `http://HOST:PORT/ROUTE` / `https://HOST:PORT/ROUTE` (worker/cluster.py)."""
 
-    scheme: str  # unix | tcp | tls
-    path: str | None = None  # unix: the socket; None = the endpoint of the model and device
+    scheme: str  # unix | tcp | tls | http | https
+    path: str | None = None  # unix: the socket (None = the endpoint of the model and device); http(s): the route
     host: str = ""
     port: int = 0
 
     @property
     def remote(self) -> bool:
         return self.scheme != "unix"
+
+    @property
+    def cluster(self) -> bool:
+        """A Ray Serve application, reached over HTTP (one request per call), not a msgpack-RPC link."""
+        return self.scheme in ("http", "https")
 
     @classmethod
     def parse(cls, url: str | None) -> "WorkerAddress":
@@ -540,16 +557,48 @@ class WorkerAddress:
             path = url[len("unix:"):]
             return cls("unix", path[2:] if path.startswith("///") else path)
         scheme, sep, rest = url.partition("://")
-        if scheme not in ("tcp", "tls") or not sep:
-            raise DlmError("config_error", f"worker URL {url!r}: expected unix:, unix:PATH, tcp://HOST:PORT "
-                                           "or tls://HOST:PORT")
-        host, port = parse_host_port(rest.rstrip("/"), f"worker URL {url!r}")
-        return cls(scheme, None, host, port)
+        if scheme not in ("tcp", "tls", "http", "https") or not sep:
+            raise DlmError("config_error", f"worker URL {url!r}: expected unix:, unix:PATH, tcp://HOST:PORT, "
+                                           "tls://HOST:PORT, or a cluster's http(s)://HOST:PORT/ROUTE")
+        hostport, slash, route = rest.partition("/")
+        if scheme in ("tcp", "tls"):
+            if route:
+                raise DlmError("config_error", f"worker URL {url!r}: a {scheme}:// worker has no path")
+            return cls(scheme, None, *parse_host_port(hostport, f"worker URL {url!r}"))
+        if "?" in route or "#" in route:
+            raise DlmError("config_error", f"worker URL {url!r}: expected http(s)://HOST:PORT/ROUTE, no query")
+        return cls(scheme, "/" + route.rstrip("/"), *parse_host_port(hostport, f"worker URL {url!r}"))
 
     def __str__(self) -> str:
         if self.remote:
-            return f"{self.scheme}://{'[' + self.host + ']' if ':' in self.host else self.host}:{self.port}"
+            host = "[" + self.host + "]" if ":" in self.host else self.host
+            route = self.path if self.cluster and self.path != "/" else ""
+            return f"{self.scheme}://{host}:{self.port}{route}"
         return f"unix:{self.path or ''}"
+
+
+# Over HTTP (a Ray Serve cluster) each call is one POST of one request frame; the answer is a stream
+# of frames: `refinement` notifications, then the response. Closing the stream cancels the request.
+FRAMES_MEDIA_TYPE = "application/x-dlm-frames"
+# The document's routing key travels in Serve's model-multiplexing header, the one request field its
+# proxy hands to a request router; ours (worker/cluster.py) sends each document to its home replica.
+DOCUMENT_HEADER = "serve_multiplexed_model_id"
+CLIENT_HEADER = "x-dlm-client"  # who asks, for the replica's per-client fairness and counts
+
+
+def document_route(cache_key: str | None) -> str | None:
+    """The routing value for a request's context-cache key: one per document, whatever the entry
+    (a completion's `uri` and a fill's `uri#fill` land on one replica). Hashed: header-safe, and
+    no file path travels in the clear in a header."""
+    if not cache_key:
+        return None
+    return hashlib.sha256(cache_key.partition("#")[0].encode("utf-8", "surrogatepass")).hexdigest()[:24]
+
+
+def token_digest(token: str) -> str:
+    """What a cluster's replicas hold instead of the token itself (Ray keeps deployment arguments
+    where anyone with cluster access can read them)."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 def parse_host_port(text: str, what: str) -> tuple[str, int]:
