@@ -1,6 +1,7 @@
 """Scale-out on Ray Serve (issue 15, item 2): a real local Ray cluster on this CPU, two replicas of the tiny model.
 
-`dlm-ls cluster up` starts it (a Ray head, a Serve application behind a token) and prints the URL;
+`dlm-ls cluster up` starts it (a Ray head, a Serve application behind a token and TLS with a pair
+made here by openssl) and prints the URL;
 the tests reach it as editors do, through `ClusterClient`, `dlm-ls complete` and a real `dlm-ls
 serve`, and read `dlm-ls cluster status --json`:
 
@@ -8,7 +9,9 @@ serve`, and read `dlm-ls cluster status --json`:
 - a document's requests land on one replica, which reuses its context cache;
 - a closed stream cancels the replica's job;
 - a killed replica is replaced, and its document's next request succeeds elsewhere;
-- no token or a wrong one gets `unauthorized`; malformed bodies get clear errors.
+- no token or a wrong one gets `unauthorized`, a client that does not trust the certificate gets
+  a clear error, and malformed bodies get clear errors;
+- `cluster up` refuses an unsafe set-up before it starts anything.
 
 Slow (a Ray head and two model loads): `make test-cluster`, which installs the `[cluster]` extra.
 """
@@ -19,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -56,8 +60,12 @@ def cli(*args: str, env: dict, timeout: float = 240) -> subprocess.CompletedProc
 
 
 class Cluster:
-    def __init__(self, url: str, env: dict, folder: Path, token_file: Path, model_dir: Path):
+    def __init__(self, url: str, env: dict, folder: Path, token_file: Path, model_dir: Path, cert: Path | None):
         self.url, self.env, self.folder, self.token_file, self.model_dir = url, env, folder, token_file, model_dir
+        self.cert = cert  # the self-signed certificate the proxy serves (None: plain HTTP)
+
+    def tls_flags(self) -> list[str]:
+        return ["--tls-ca-file", str(self.cert)] if self.cert else []
 
     def status(self) -> dict:
         out = cli("cluster", "status", "--json", env=self.env, timeout=60)
@@ -81,12 +89,24 @@ class Cluster:
         from dlm_ls.lsp_server.config import Settings
 
         token_file = str(self.token_file) if token == "file" else token
+        extra.setdefault("tls_ca_file", str(self.cert) if self.cert else None)
         return Settings(worker=self.url, token_file=token_file, **extra)
 
-    def client(self, token: str | None = "file"):
+    def client(self, token: str | None = "file", **extra):
         from dlm_ls.lsp_server.cluster_client import ClusterClient
 
-        return ClusterClient(self.settings(token))
+        return ClusterClient(self.settings(token, **extra))
+
+
+def self_signed_pair(folder: Path) -> tuple[Path, Path] | None:
+    if shutil.which("openssl") is None:
+        return None
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    os.chmod(key, 0o600)
+    return cert, key
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +118,16 @@ def cluster(tiny_model_dir, tmp_path_factory):
     env = {**os.environ, "DLM_LS_RUNTIME_DIR": str(folder / "run"), "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
     port, ray_port = free_port(), free_port()
+    pair = self_signed_pair(folder)
+    tls = ["--tls-cert", str(pair[0]), "--tls-key", str(pair[1])] if pair else []
     up = cli("cluster", "up", "--replicas", "2", "--model", str(tiny_model_dir), "--device", "cpu",
-             "--port", str(port), "--ray-port", str(ray_port), "--token-file", str(token_file), env=env, timeout=400)
+             "--port", str(port), "--ray-port", str(ray_port), "--token-file", str(token_file), *tls, env=env,
+             timeout=400)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         url = up.stdout.strip().splitlines()[-1]  # the URL is the last line
-        assert url == f"http://127.0.0.1:{port}/dlm", up.stdout
-        c = Cluster(url, env, folder, token_file, tiny_model_dir)
+        assert url == f"{'https' if pair else 'http'}://127.0.0.1:{port}/dlm", up.stdout
+        c = Cluster(url, env, folder, token_file, tiny_model_dir, pair[0] if pair else None)
         c.wait_for(lambda s: len([r for r in s["replicas"] if r["alive"]]) == 2, what="two replicas reporting")
         yield c
     finally:
@@ -147,10 +170,10 @@ def test_dlm_ls_complete_through_the_cluster(cluster, tmp_path):
     source.write_text("".join(SEGMENTS))
     args = ["complete", str(source), "--line", "5", "--col", "12", "--worker", cluster.url, "--json",
             "--max-tokens", "4"]
-    out = cli(*args, "--token-file", str(cluster.token_file), env=cluster.env, timeout=60)
+    out = cli(*args, "--token-file", str(cluster.token_file), *cluster.tls_flags(), env=cluster.env, timeout=60)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1])["nfe"] >= 1
-    refused = cli(*args, env=cluster.env, timeout=60)  # no token
+    refused = cli(*args, *cluster.tls_flags(), env=cluster.env, timeout=60)  # no token
     assert refused.returncode == 1 and "token" in refused.stderr, refused.stderr
 
 
@@ -257,7 +280,7 @@ async def test_a_real_server_completes_through_the_cluster(cluster):
 
     config = ClientServerConfig(server_command=[
         sys.executable, "-m", "dlm_ls.lsp_server.cli", "serve", "--worker", cluster.url,
-        "--token-file", str(cluster.token_file)], server_env=cluster.env)
+        "--token-file", str(cluster.token_file), *cluster.tls_flags()], server_env=cluster.env)
     client = await config.start()
     try:
         caps = client_capabilities("visual-studio-code")
@@ -299,12 +322,28 @@ async def test_no_token_or_a_wrong_token_is_unauthorized(cluster, tmp_path):
     assert totals(cluster.replicas(), "requests") == start  # nothing reached a scheduler
 
 
+async def test_a_client_that_does_not_trust_the_certificate_gets_a_clear_error(cluster):
+    if cluster.cert is None:
+        pytest.skip("no openssl: the cluster runs without TLS")
+    client = cluster.client(tls_ca_file=None)  # the system's CAs, which never signed the test's pair
+    t0 = time.monotonic()
+    with pytest.raises(rpc.DlmError) as err:
+        await client.infill(request("untrusted", "file:///w/a.py"))
+    assert err.value.code == "worker_unavailable" and "certificate" in err.value.message.lower()
+    assert time.monotonic() - t0 < 30
+    await client.close()
+
+
 def test_malformed_bodies_and_other_verbs_get_clear_errors(cluster):
+    import ssl
+
+    tls = ssl.create_default_context(cafile=str(cluster.cert)) if cluster.cert else None
+
     def post(body: bytes, method: str = "POST") -> tuple[int, bytes]:
         req = urllib.request.Request(cluster.url, data=body if method == "POST" else None, method=method,
                                      headers={"Authorization": f"Bearer {TOKEN}"})
         try:
-            with urllib.request.urlopen(req, timeout=30) as r:
+            with urllib.request.urlopen(req, timeout=30, context=tls) as r:
                 return r.status, r.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()
@@ -325,3 +364,26 @@ def test_malformed_bodies_and_other_verbs_get_clear_errors(cluster):
     code, _ = post(b"", method="GET")
     assert code == 405
     assert len(cluster.replicas()) == 2  # every replica still serving
+
+
+# --------------------------------------------------------------------------- `cluster up` refuses unsafe set-ups
+
+
+@pytest.mark.parametrize("case", ["no token off loopback", "no TLS off loopback", "cert without key", "open token"])
+def test_cluster_up_refuses_an_unsafe_set_up_before_starting_anything(case, tmp_path, tiny_model_dir):
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    os.chmod(token, 0o644 if case == "open token" else 0o600)
+    args = {"no token off loopback": ["--host", "0.0.0.0"],
+            "no TLS off loopback": ["--host", "0.0.0.0", "--token-file", str(token)],
+            "cert without key": ["--tls-cert", str(tmp_path / "cert.pem")],
+            "open token": ["--token-file", str(token)]}[case]
+    env = {**os.environ, "DLM_LS_RUNTIME_DIR": str(tmp_path / "run"), "RAY_USAGE_STATS_ENABLED": "0"}
+    t0 = time.monotonic()
+    out = cli("cluster", "up", "--model", str(tiny_model_dir), "--port", str(free_port()),
+              "--ray-port", str(free_port()), *args, env=env, timeout=120)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert {"no token off loopback": "--token-file", "no TLS off loopback": "--insecure",
+            "cert without key": "--tls-key", "open token": "0600"}[case] in out.stderr
+    assert "starting a local Ray cluster" not in out.stdout and not (tmp_path / "run" / "cluster.json").exists()
+    assert time.monotonic() - t0 < 60
