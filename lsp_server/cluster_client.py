@@ -1,4 +1,4 @@
-"""The server's side of a Ray Serve cluster (worker/cluster.py): the `Backend` over HTTP.
+"""The server's side of a Ray Serve cluster (worker/serve_replica.py): the `Backend` over HTTP.
 
 Each call is one POST of one msgpack-RPC request frame to the cluster's URL; the answer is a
 stream of frames (`refinement` notifications, then the response), read as it arrives. The

@@ -130,3 +130,15 @@ def test_a_planted_code_cache_is_never_run_unless_ours_and_private(tmp_path, mon
         with contextlib.suppress(Exception):
             one_run(command)
         assert marker.exists()
+
+
+def test_cluster_without_the_extra_says_how_to_get_it(tmp_path):
+    # As on a machine without `pip install 'dlm-ls[cluster]'`: ray cannot be imported.
+    code = ("import sys; sys.modules['ray'] = None\n"
+            "from dlm_ls.lsp_server import cli\n"
+            "sys.exit(cli.main(sys.argv[1:]))\n")
+    env = {**os.environ, "DLM_LS_RUNTIME_DIR": str(tmp_path / "run")}
+    helped = subprocess.run([sys.executable, "-c", code, "cluster", "--help"], capture_output=True, text=True, env=env)
+    assert helped.returncode == 0 and "up" in helped.stdout and "status" in helped.stdout
+    up = subprocess.run([sys.executable, "-c", code, "cluster", "up"], capture_output=True, text=True, env=env)
+    assert up.returncode == 1 and "pip install 'dlm-ls[cluster]'" in up.stderr and "Traceback" not in up.stderr

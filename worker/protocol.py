@@ -581,7 +581,7 @@ class WorkerAddress:
 # of frames: `refinement` notifications, then the response. Closing the stream cancels the request.
 FRAMES_MEDIA_TYPE = "application/x-dlm-frames"
 # The document's routing key travels in Serve's model-multiplexing header, the one request field its
-# proxy hands to a request router; ours (worker/cluster.py) sends each document to its home replica.
+# proxy hands to a request router; ours (worker/serve_replica.py) sends each document to its home replica.
 DOCUMENT_HEADER = "serve_multiplexed_model_id"
 CLIENT_HEADER = "x-dlm-client"  # who asks, for the replica's per-client fairness and counts
 
