@@ -23,7 +23,8 @@ from typing import Any
 from .common import REPO_ROOT, RESULTS_DIR
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-ORDER = ("quality", "ratio", "step", "latency", "threads", "startup", "recovery", "ceilings", "large", "extra_context", "train")
+ORDER = ("quality", "ratio", "step", "latency", "threads", "startup", "recovery", "cluster", "ceilings", "large",
+         "extra_context", "train")
 
 
 def load_results(results_dir: Path) -> list[dict[str, Any]]:
@@ -231,10 +232,37 @@ def train_section(d: dict) -> str:
                       provenance({**d, "model": {"path": f"{d['preset']} preset, random init", "parameters": d.get("parameters")}})])
 
 
+def cluster_section(d: dict) -> str:
+    batch = [[str(r["batch"]), _ms(r["wall_ms"]), _f(r["ms_per_step"], 1), _f(r["requests_per_s"], 2)]
+             for r in d.get("batch_scaling", [])]
+    runs = [[str(c["replicas"]), _f(c["throughput"]["requests_per_s"], 2), _ms(c["throughput"]["latency_ms"]["p50"]),
+             _ms(c["throughput"]["latency_ms"]["p95"]), str(c["throughput"]["errors"])]
+            for c in d["clusters"] if "throughput" in c]
+    over = next((c["overhead"] for c in d["clusters"] if "overhead" in c), None)
+    parts = [f"**Serving a team** (docs/team.md): one engine ({d['sizes']['threads']} thread) given B line "
+             "completions at once, then Ray Serve replicas with "
+             f"{d['sizes']['clients']} editors each sending its next request when the last is answered:", "",
+             _md(batch, ["requests at once", "wall ms", "ms per step", "requests/s"]), "",
+             _md(runs, ["replicas", "requests/s", "p50 ms", "p95 ms", "errors"])]
+    if over:
+        parts += ["", f"One request at a time, Ray Serve adds {_f(over['added_ms_p50']['infill'], 1)} ms p50 to a "
+                      f"completion (local socket {_ms(over['local infill']['p50'])} ms, Serve "
+                      f"{_ms(over['cluster infill']['p50'])} ms) and {_f(over['added_ms_p50']['ping'], 1)} ms to a ping."]
+    cap = d.get("capacity")
+    if cap:
+        rows = [[str(r["developers"]), f"{r['typing_at_once']:.0%}", _f(r["requests_per_s"], 1), str(r["engines"])]
+                for r in cap["rows"]]
+        parts += ["", f"Capacity at {cap['target_utilisation']:.0%} load, {cap['demand']['requests_per_s']} requests/s per "
+                      f"typing developer ({cap['demand']['source']}):", "",
+                  _md(rows, ["developers", "typing at once", "requests/s", "engines (cores here)"])]
+    parts += ["", provenance(d)]
+    return "\n".join(parts)
+
+
 SECTIONS = {"quality": quality_section, "ratio": ratio_section, "step": step_section, "latency": latency_section,
             "ceilings": ceilings_section, "large": large_section, "extra_context": extra_context_section,
             "train": train_section, "startup": startup_section, "recovery": recovery_section,
-            "threads": threads_section}
+            "threads": threads_section, "cluster": cluster_section}
 
 
 def render(results: list[dict]) -> str:
