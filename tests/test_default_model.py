@@ -28,8 +28,8 @@ def infiller():
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "the CPU weights do not parse here: stage 4 (held-out true-middle NLL 5.405 nats/token on line "
-    "tasks) answers `():`, stage 3 answered `\"\"\"` (a docstring), stage 2 `e`. Strict, so the marker "
+    "the CPU weights do not parse here: stage 5 (held-out true-middle NLL 5.273 nats/token on line "
+    "tasks) answers `(`, stage 4 `():`, stage 3 `\"\"\"` (a docstring), stage 2 `e`. Strict, so the marker "
     "has to go when a later model parses here again"))
 def test_shipped_model_completes_a_return_that_parses(infiller):
     prefix = "def add(a, b):\n    return "
