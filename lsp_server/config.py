@@ -21,7 +21,8 @@ from .policy import CACHE_ENTRIES
 WORKER = WorkerConfig()  # the worker's defaults, which these settings share
 
 # Sampler fields the client may override per server; None means "the checkpoint's sampler.json".
-SAMPLER_KEYS = ("strategy", "threshold", "max_steps", "block_size", "canvas_lengths", "max_tokens", "temperature")
+SAMPLER_KEYS = ("strategy", "threshold", "max_steps", "block_size", "canvas_lengths", "max_tokens", "min_tokens",
+                "temperature")
 
 
 @dataclass
@@ -78,6 +79,7 @@ class Settings:
     block_size: int | None = None
     canvas_lengths: tuple[int, ...] | None = None
     max_tokens: int | None = None
+    min_tokens: int | None = None  # no suggestion shorter than this many tokens (the model may not end before)
     temperature: float | None = None
     log_level: str = "info"  # debug | info | warning | error
     log_file: str | None = None  # also log here (the server always logs to stderr, which editors keep)
@@ -158,14 +160,14 @@ _CHOICES = {
     "completion_fallback": ("auto", "always", "never"),
 }
 _INTS = {"debounce_ms", "max_context_chars", "max_syntax_chars", "max_context_tokens", "max_jobs", "max_steps",
-         "block_size", "max_tokens", "cache_entries", "warm_delay_ms", "extra_context_chars", "max_message_bytes",
-         "threads"}
-_ZERO_OK = {"debounce_ms", "cache_entries", "warm_delay_ms", "extra_context_chars"}  # 0 switches the feature off
+         "block_size", "max_tokens", "min_tokens", "cache_entries", "warm_delay_ms", "extra_context_chars",
+         "max_message_bytes", "threads"}
+_ZERO_OK = {"debounce_ms", "cache_entries", "warm_delay_ms", "extra_context_chars", "min_tokens"}  # 0 switches the feature off
 _FLOATS = {"idle_timeout_s", "spawn_timeout_s", "request_timeout_s", "threshold", "temperature",
            "extra_context_min_score"}
 # Settings that size what the worker allocates or the server reads, and the limit (worker/protocol.py
 # LIMITS) each must stay under: the same bounds the worker enforces on any client.
-_LIMITED = {"max_tokens": "max_tokens", "block_size": "max_tokens", "max_steps": "max_steps",
+_LIMITED = {"max_tokens": "max_tokens", "block_size": "max_tokens", "min_tokens": "max_tokens", "max_steps": "max_steps",
             "max_context_tokens": "max_context_tokens", "max_message_bytes": "max_message_bytes",
             "max_context_chars": "max_document_chars", "max_syntax_chars": "max_document_chars"}
 _BOOLS = {"in_process", "stream_refinement", "speculative", "warm", "python_ellipsis_holes", "parse_filter",

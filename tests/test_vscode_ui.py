@@ -33,13 +33,17 @@ pytestmark = [
 # The shipped model, greedy (so the same text gets the same suggestion): random test models write
 # no words to accept one at a time. Without the parse filter a partial line is shown, not dropped.
 MODEL = ROOT / "model" / "default"
-SERVER_SETTINGS = {"parseFilter": False, "speculative": False, "warm": False}
+SERVER_SETTINGS = {"parseFilter": False, "speculative": False, "warm": False, "minTokens": 2}
 BEFORE, TRIGGER, AFTER = "def greet(name):\n    ", "print(", "\n"
 # Cursors tried, in turn, until the shipped model suggests a word and then more (what word accept
 # needs), so that a retrained model that answers one of them differently still finds one: stage 3
-# answered `None):` after `print(`, stage 4 answers `):` there and `x)` after `math.sqrt(`.
+# answered `None):` after `print(`, stage 4 `):` there and `x)` after `math.sqrt(`. Stage 5 ends
+# most lines after one token (`)`, `name`), so these tests ask for at least two (`minTokens` in
+# SERVER_SETTINGS, a user's setting like any other): stage 5 then answers `self)`, `x)`, `name)`, `path()`.
 WORD_CURSORS = [(BEFORE, TRIGGER), ("def norm(x, y):\n    return ", "math.sqrt("),
-                ("def scale(values, factor):\n    return [", "round(")]
+                ("def scale(values, factor):\n    return [", "round("),
+                ("import os\n\ndef main():\n    path = ", "os.path."),
+                ("class Point:\n    def __init__(self, x, y):\n        ", "self.")]
 HOLES = "def add(a, b):\n    return <|hole|>\n"
 FILES = {"example.py": "", "holes.py": HOLES}
 

@@ -175,6 +175,7 @@ def test_limits_agree_with_the_model():
     ("canvasLengths", [4] * 9, "the number of lengths in setting 'canvas_lengths' is 9, above the limit "
                                "max_canvas_lengths=8"),
     ("maxSteps", 5000, "setting 'max_steps' is 5000, above the limit max_steps=1024"),
+    ("minTokens", 5000, "setting 'min_tokens' is 5000, above the limit max_tokens=1024"),
     ("maxMessageBytes", 1 << 40, f"setting 'max_message_bytes' is {1 << 40}, above the limit "
                                  f"max_message_bytes={64 << 20}"),
 ])
@@ -186,8 +187,22 @@ def test_settings_above_the_limits_are_refused_and_skipped(key, value, message):
     assert problems == [message]
     assert settings.debounce_ms == 3  # the rest still applies
     snake = {"maxTokens": "max_tokens", "maxContextTokens": "max_context_tokens", "canvasLengths": "canvas_lengths",
-             "maxSteps": "max_steps", "maxMessageBytes": "max_message_bytes"}[key]
+             "maxSteps": "max_steps", "maxMessageBytes": "max_message_bytes", "minTokens": "min_tokens"}[key]
     assert getattr(settings, snake) == getattr(before, snake)
+
+
+def test_min_tokens_is_a_sampler_override_and_the_engine_keeps_it():
+    from dlm_ls.lsp_server.config import Settings
+    from dlm_ls.model.infill import Infiller
+
+    settings, problems = Settings().merged({"minTokens": 3})
+    assert not problems and settings.sampler_overrides() == {"min_tokens": 3}
+    rpc.check_overrides(settings.sampler_overrides())  # the worker takes it as it is
+    assert Settings().merged({"minTokens": 0})[0].min_tokens == 0  # 0: an empty suggestion is allowed
+    # The shipped model (stage 5) ends this line after one token, `(`, unless told otherwise.
+    inf = Infiller(device="cpu")
+    r = inf.complete(["def add(a, b):\n    return ", "\n"], mode="line", **settings.sampler_overrides())
+    assert len(r.tokens[0]) >= 3, r  # the middle's own tokens, PAD excluded
 
 
 # --------------------------------------------------------------------------- team worker addresses and tokens
