@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..worker.cluster import free_port
 from . import common
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +122,7 @@ class ClusterRun:
     def __init__(self, model_dir: Path, replicas: int, threads: int, base: Path):
         self.env = {**os.environ, "DLM_LS_RUNTIME_DIR": str(base / f"run-{replicas}"), "RAY_USAGE_STATS_ENABLED": "0",
                     "TOKENIZERS_PARALLELISM": "false"}
-        port, ray_port = _free_port(), _free_port()
+        port, ray_port = free_port(), free_port()
         t0 = time.perf_counter()
         up = self._cli("cluster", "up", "--replicas", str(replicas), "--model", str(model_dir), "--device", "cpu",
                        "--threads", str(threads), "--port", str(port), "--ray-port", str(ray_port), timeout=600)
@@ -140,14 +141,6 @@ class ClusterRun:
 
     def down(self) -> None:
         self._cli("cluster", "down")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _settings(**kw):
@@ -186,7 +179,7 @@ async def overhead(model_dir: Path, url: str, runs: int, base: Path) -> dict:
             times["cluster infill"].append(await _timed(remote.infill(
                 InfillRequest([prefix, suffix], f"r{i}", "line", cache_key="file:///bench.py"))))
             times["local ping"].append(await _timed(local.call("ping")))
-            times["cluster ping"].append(await _timed(remote._with_retry("ping", {}, None)))
+            times["cluster ping"].append(await _timed(remote.call("ping")))
     finally:
         await remote.close()
         try:

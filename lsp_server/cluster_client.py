@@ -198,9 +198,13 @@ class ClusterClient:
     async def warm(self, request: WarmRequest) -> Any:
         return await self._with_retry("warm", request.to_wire(), document_route(request.cache_key))
 
+    async def call(self, method: str, params: Any = None) -> Any:
+        """Any method a replica serves (ping, status), on whichever replica Serve picks."""
+        return await self._with_retry(method, params if params is not None else {}, None)
+
     async def status(self) -> dict[str, Any]:
         """One replica's status (any one), with the cluster's URL."""
-        return {**await self._with_retry("status", {}, None), "cluster": str(self.address)}
+        return {**await self.call("status"), "cluster": str(self.address)}
 
     async def close(self) -> None:
         for reply in list(self.open_replies):

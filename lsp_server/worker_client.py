@@ -425,32 +425,17 @@ class InProcessBackend:
     def describe(self) -> dict[str, Any]:
         return {"mode": "in-process"}
 
-    def _bridge(self) -> tuple[asyncio.Future, Callable]:
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-
-        def done(result: Any, error: DlmError | None) -> None:
-            loop.call_soon_threadsafe(settle, fut, result, error)
-        return fut, done
-
     async def infill(self, request: InfillRequest, on_step: OnStep | None = None) -> InfillReply:
-        loop = asyncio.get_running_loop()
-        fut, done = self._bridge()
-        step_cb = None
-        if on_step is not None:
-            def step_cb(update: StepUpdate) -> None:
-                loop.call_soon_threadsafe(on_step, update)
-        self.scheduler.submit(self.owner, request, done, step_cb)
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            self.scheduler.cancel(self.owner, request.id)
-            raise
+        async with contextlib.aclosing(self.scheduler.events(self.owner, request, steps=on_step is not None)) as events:
+            async for event in events:  # leaving early (a cancelled request) cancels the job
+                if isinstance(event, StepUpdate):
+                    on_step(event)
+                else:
+                    return event
+        raise AssertionError("the scheduler ended a request without an answer")
 
     async def call(self, method: str, params: Any = None) -> Any:
-        fut, done = self._bridge()
-        self.scheduler.control(method, params or {}, done)
-        return await fut
+        return await self.scheduler.call(method, params or {})
 
     async def status(self) -> dict[str, Any]:
         return await self.call("status")

@@ -116,7 +116,7 @@ def up(args: argparse.Namespace) -> int:
         # Its own temp dir and side ports, so that it shares nothing with another Ray on this machine.
         cmd = _ray_cli("start", "--head", f"--port={args.ray_port}", f"--num-cpus={cpus}",
                        "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={_ray_temp_dir(args.ray_port)}",
-                       f"--ray-client-server-port={_free_port()}", f"--dashboard-port={_free_port()}")
+                       f"--ray-client-server-port={free_port()}", f"--dashboard-port={free_port()}")
         if device == "cuda":
             cmd.append("--num-gpus=" + str(_visible_gpus()))
         print(f"starting a local Ray cluster on port {args.ray_port} ...", flush=True)
@@ -168,7 +168,8 @@ def _ray_temp_dir(ray_port: int) -> str:
     return f"/tmp/dlm-ls-ray-{os.getuid()}-{ray_port}"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now (Ray's side ports; bench/cluster.py's ports)."""
     import socket
 
     with socket.socket() as s:

@@ -20,6 +20,7 @@ It speaks the typed messages of protocol.py (an `InfillRequest` in, an `InfillRe
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import inspect
@@ -29,10 +30,10 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 from .config import WorkerConfig
-from .protocol import DlmError, InfillReply, InfillRequest, StepUpdate, WarmRequest
+from .protocol import DlmError, InfillReply, InfillRequest, StepUpdate, WarmRequest, settle
 
 log = logging.getLogger("dlm_ls.worker")
 
@@ -143,6 +144,43 @@ class Scheduler:
     def control(self, method: str, params: Any, done: Done) -> None:
         """Run "status" (params ignored) or "warm" (a WarmRequest) on the scheduler thread."""
         self.inbox.put(("control", method, params, done))
+
+    # -- the same, for a caller on an asyncio loop (the in-process backend, a cluster replica)
+
+    async def events(self, owner: Any, request: InfillRequest, steps: bool = False) -> AsyncIterator[Any]:
+        """Run `request`: its `StepUpdate`s (when `steps`), then its `InfillReply`; a `DlmError` raises.
+        Everything is delivered on the caller's loop. Leaving the iteration early (a cancelled task, a
+        closed stream) cancels the job between two steps."""
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue = asyncio.Queue()
+
+        def put(item: tuple) -> None:
+            loop.call_soon_threadsafe(inbox.put_nowait, item)
+
+        on_step = (lambda update: put(("step", update, None))) if steps else None
+        self.submit(owner, request, lambda result, error: put(("done", result, error)), on_step)
+        finished = False
+        try:
+            while True:
+                kind, value, error = await inbox.get()
+                if kind == "step":
+                    yield value
+                    continue
+                finished = True
+                if error is not None:
+                    raise error
+                yield value
+                return
+        finally:
+            if not finished:
+                self.cancel(owner, request.id)
+
+    async def call(self, method: str, params: Any) -> Any:
+        """`control` awaited on the caller's loop."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.control(method, params, lambda result, error: loop.call_soon_threadsafe(settle, fut, result, error))
+        return await fut
 
     def stop(self, timeout: float = 10.0) -> None:
         self.inbox.put(("stop",))

@@ -31,8 +31,8 @@ nothing of LSP or editors, and of the model only through the scheduler.
 
 from __future__ import annotations
 
-import asyncio
 import collections
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -105,7 +105,8 @@ class ClusterStats:
 
     def snapshot(self) -> dict[str, dict]:
         now = time.time()
-        return {replica: {**status, "reported_s_ago": round(now - at, 2)} for replica, (at, status) in self.reports.items()}
+        return {replica: {**status, "reported_s_ago": round(now - at, 2)}
+                for replica, (at, status) in self.reports.items()}
 
     def forget(self, replica: str) -> None:
         self.reports.pop(replica, None)
@@ -203,9 +204,9 @@ class ClusterEngine:
                 infill.id = infill.id or uuid.uuid4().hex
                 return StreamingResponse(self._infill(msg.msgid, owner, infill), media_type=FRAMES_MEDIA_TYPE)
             if msg.method == "warm":
-                return frame_response(msg.msgid, await self._control("warm", WarmRequest.from_wire(msg.params)))
+                return frame_response(msg.msgid, await self.scheduler.call("warm", WarmRequest.from_wire(msg.params)))
             if msg.method == "status":
-                return frame_response(msg.msgid, self._with_replica(await self._control("status", {})))
+                return frame_response(msg.msgid, self._with_replica(await self.scheduler.call("status", {})))
             if msg.method == "ping":
                 return frame_response(msg.msgid, {"pid": os.getpid(), "replica": self.replica})
             if msg.method in METHODS:
@@ -217,35 +218,25 @@ class ClusterEngine:
 
     async def _infill(self, msgid: int, owner: Owner, infill: InfillRequest):
         """The reply stream of one infill; closing it (the client went away) cancels the job."""
-        loop = asyncio.get_running_loop()
-        inbox: asyncio.Queue = asyncio.Queue()
-
-        def put(item: tuple) -> None:
-            loop.call_soon_threadsafe(inbox.put_nowait, item)
-
-        on_step = (lambda update: put(("step", update))) if infill.stream else None
-        self.scheduler.submit(owner, infill, lambda result, error: put(("done", result, error)), on_step)
         answered = False
         try:
-            while True:
-                item = await inbox.get()
-                if item[0] == "step":
-                    update: StepUpdate = item[1]
-                    yield protocol.encode(protocol.notification("refinement", update.to_wire()))
-                    continue
-                _, result, error = item
-                answered = True
-                try:
-                    frame = protocol.encode(protocol.response(msgid, error.as_dict() if error else None,
-                                                              None if error else result.to_wire()))
-                except DlmError as exc:  # a reply too large to send: say so instead
-                    frame = protocol.encode(protocol.response(msgid, exc.as_dict(), None))
-                yield frame
-                return
+            async with contextlib.aclosing(self.scheduler.events(owner, infill, steps=infill.stream)) as events:
+                async for event in events:
+                    if isinstance(event, StepUpdate):
+                        yield protocol.encode(protocol.notification("refinement", event.to_wire()))
+                        continue
+                    answered = True
+                    try:
+                        frame = protocol.encode(protocol.response(msgid, None, event.to_wire()))
+                    except DlmError as exc:  # a reply too large to send: say so instead
+                        frame = protocol.encode(protocol.response(msgid, exc.as_dict(), None))
+                    yield frame
+        except DlmError as exc:
+            answered = True
+            yield protocol.encode(protocol.response(msgid, exc.as_dict(), None))
         finally:
-            if not answered:  # the stream was closed under us: a cancel
+            if not answered:  # the stream was closed under us: events() has cancelled the job
                 self.counters["closed_streams"] += 1
-                self.scheduler.cancel(owner, infill.id)
 
     def _owner(self, name: str) -> Owner:
         name = name[:200]
@@ -253,15 +244,6 @@ class ClusterEngine:
         if owner is None:
             owner = self.owners[name] = Owner(name)
         return owner
-
-    async def _control(self, method: str, params: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-
-        def done(result: Any, error: DlmError | None) -> None:
-            loop.call_soon_threadsafe(protocol.settle, fut, result, error)
-        self.scheduler.control(method, params, done)
-        return await fut
 
     def _with_replica(self, status: dict) -> dict:
         return {**status, "replica": self.replica, "actor": self.actor_name, "node": self.node,
